@@ -1,0 +1,97 @@
+"""Sources: find input files and read their records through HF `datasets`.
+
+A record has a key that is stable under re-runs and any degree of parallelism: the input's path
+relative to the common root of all inputs, and the record's index within that input. Records a
+codec must not see (empty, invalid UTF-8, binary) come out as skips with a reason, so the shard
+stage can count them instead of failing or dropping them silently.
+"""
+
+import glob
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import ArpipeError
+
+# File suffixes read by a tabular `datasets` builder (one record per row); all else is plain text.
+TABULAR_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str
+    value: object = None  # the payload: str for text
+    skip: str | None = None  # why the record is unusable; None when it is fine
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted, unique."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+        if not matches:
+            raise ArpipeError(f"--input {pattern!r} matches no file")
+        for match in map(Path, matches):
+            if match.is_dir():
+                files.update(p for p in match.rglob("*") if p.is_file())
+            else:
+                files.add(match)
+    return sorted(p.absolute() for p in files)
+
+
+def common_root(files: list[Path]) -> Path:
+    if not files:
+        raise ArpipeError("no input files")
+    return Path(os.path.commonpath([str(f.parent) for f in files]))
+
+
+def builder_for(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
+        suffixes = suffixes[:-1]
+    return TABULAR_BUILDERS.get(suffixes[-1] if suffixes else "", "text")
+
+
+def read_text(path: Path, root: Path, sample_by: str = "document", text_field: str = "text") -> Iterator[Record]:
+    """Documents of one input file. Plain text is cut by `sample_by`; tabular rows are documents.
+
+    Raises OSError/ValueError-like exceptions from `datasets` for unreadable files; the caller
+    records the file as skipped.
+    """
+    # arpipe never downloads: without these, `datasets` probes the Hub (seconds per stall).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    name = str(path.relative_to(root))
+    builder = builder_for(path)
+    # streaming: read the file where it lies, no Arrow cache copy of the corpus.
+    # "replace" turns undecodable bytes into U+FFFD, which text_problem reports per document.
+    options = {"sample_by": sample_by, "encoding_errors": "replace"} if builder == "text" else {}
+    rows = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **options)
+    for index, row in enumerate(rows):
+        key = f"{name}:{index}"
+        if builder == "text":
+            text = row["text"]
+        elif text_field not in row:
+            raise ValueError(f"no {text_field!r} field (columns: {sorted(row)})")
+        else:
+            text = row[text_field]
+        yield Record(key, text, text_problem(text))
+
+
+def text_problem(text) -> str | None:
+    """Why a document cannot be tokenised, or None."""
+    if not isinstance(text, str):
+        return "not a string"
+    if not text.strip():
+        return "empty"
+    if "\x00" in text:
+        return "NUL bytes"
+    if "\ufffd" in text:  # how undecodable bytes come out of the reader
+        return "invalid UTF-8"
+    return None

@@ -1,0 +1,28 @@
+"""Model families, registered by name: `build_model({"name": "gpt", ...}, vocab_size, shape)`."""
+
+from pydantic import ValidationError
+
+from pipeline import ArpipeError
+from pipeline.models.base import ARModel
+from pipeline.models.gpt import GPT
+
+MODELS: dict[str, type[ARModel]] = {"gpt": GPT}
+
+
+def model_config(cfg: dict):
+    """Validate a model section: `name` picks the family, its Config checks the other keys."""
+    name = cfg.get("name")
+    if name not in MODELS:
+        raise ArpipeError(f"model.name {name!r} is not one of {sorted(MODELS)}")
+    return MODELS[name].Config.model_validate(cfg)
+
+
+def build_model(cfg: dict, vocab_size: int, shape: tuple[int, ...]) -> ARModel:
+    """A model of family cfg["name"]; every other hyperparameter has a default.
+    `shape` is (T,) for sequences and (C, H, W) for images."""
+    try:
+        config = model_config(cfg)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ArpipeError(f"model.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    return MODELS[config.name](config, vocab_size, tuple(shape))

@@ -1,0 +1,45 @@
+"""Rank environment for every launcher.
+
+`deepspeed` and `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. `srun`
+sets only SLURM_* variables and DeepSpeed does not read them (it falls back to MPI discovery
+and fails without mpi4py), so we map them. A plain `python -m pipeline.train` is one process.
+"""
+
+import os
+import re
+import socket
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as 'gpu[007-009,012],cpu1' -> 'gpu007'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return nodelist
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env() -> tuple[int, int, int]:
+    """Fill in the rendezvous variables if a launcher left them out; returns (rank, world, local rank)."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        # The sbatch scripts export MASTER_ADDR as the first node's address; node names may not resolve.
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])

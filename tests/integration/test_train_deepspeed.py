@@ -1,0 +1,109 @@
+"""Real multi-process DeepSpeed on CPU/gloo: launchers, ZeRO stages, kill and resume, eval."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.train.dist import free_port
+from tests.conftest import ENV, arpipe, deepspeed_command, read_metrics
+
+pytestmark = pytest.mark.slow
+STEPS = 60
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, env=kwargs.pop("env", ENV), capture_output=True, text=True, timeout=600, **kwargs)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_run_resumes_with_identical_losses(tmp_path, train_config, stage):
+    common = ["--config", train_config, f"train.zero_stage={stage}", f"train.steps={STEPS}", "train.ckpt_every=10"]
+    reference = tmp_path / "reference"
+    run(deepspeed_command(2, *common, f"out_dir={reference}"))
+    expected = [m["loss"] for m in read_metrics(reference)]
+    assert len(expected) == STEPS
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(deepspeed_command(2, *common, f"out_dir={killed}"), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps_before_kill = len(read_metrics(killed))
+    assert 10 <= steps_before_kill < STEPS, "the kill must land after the first checkpoint, before the end"
+
+    run(deepspeed_command(2, *common, f"out_dir={killed}"))
+    assert [m["loss"] for m in read_metrics(killed)] == expected  # bitwise: the same floats
+
+    # one MLflow run across the kill, holding the whole loss curve
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = json.loads((killed / "checkpoints" / "step_00000060" / "trainer_state.json").read_text())
+    run_info = client.get_run(state["run_id"])
+    assert run_info.info.status == "FINISHED" and run_info.data.params["train.zero_stage"] == str(stage)
+    history = client.get_metric_history(state["run_id"], "train/loss_nats")
+    assert sorted({m.step for m in history}) == list(range(5, STEPS + 1, 5))
+    assert json.loads((killed / "export" / "model.json").read_text())["run_id"] == state["run_id"]
+
+
+def test_launchers_agree_and_eval_is_world_size_independent(tmp_path, train_config):
+    """deepspeed, torchrun and Slurm-style env variables train the same run; eval on 1 and 2
+    processes counts the same tokens and the same total NLL."""
+    common = ["--config", train_config, "train.zero_stage=2", "train.steps=12"]
+    run(deepspeed_command(2, *common, f"out_dir={tmp_path / 'ds'}"))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), "-m", "pipeline.train", *map(str, common),
+         f"out_dir={tmp_path / 'torchrun'}"])
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *map(str, common), f"out_dir={tmp_path / 'srun'}"],
+                              env={**ENV, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                   "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    losses = {name: [m["loss"] for m in read_metrics(tmp_path / name)] for name in ("ds", "torchrun", "srun")}
+    assert len(losses["ds"]) == 12 and losses["ds"] == losses["torchrun"] == losses["srun"]
+
+    data = json.loads((tmp_path / "ds" / "export" / "model.json").read_text())["data"]
+    one = tmp_path / "eval1.json"
+    arpipe("eval", "--model", tmp_path / "ds", "--data", data, "--out", one, "--samples", 1, "--prompts", 1)
+    two = tmp_path / "eval2.json"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), "-m", "pipeline", "eval", "--model",
+         str(tmp_path / "ds"), "--data", data, "--out", str(two), "--samples", "0", "--prompts", "0"])
+    r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
+    assert r1["tokens"] == r2["tokens"] > 0
+    assert r1["nats"] == pytest.approx(r2["nats"], rel=1e-6)
+    assert 0 < r1["bits_per_byte"] < 8
+    # eval landed in the training run
+    client = MlflowClient(r1["tracking_uri"])
+    metrics = client.get_run(r1["run_id"]).data.metrics
+    assert metrics["val/bits_per_byte"] == pytest.approx(r1["bits_per_byte"])
+    assert "train/loss_nats" in metrics
+    artifacts = [a.path for a in client.list_artifacts(r1["run_id"], "samples")]
+    assert artifacts == ["samples/val-step00000012.txt"]
+
+
+def test_nonfinite_losses_skip_then_stop_with_a_usable_checkpoint(tmp_path, train_config):
+    ok = run([sys.executable, "-m", "pipeline.train", "--config", str(train_config), "train.steps=12",
+              "train.inject_nonfinite=[3]", f"out_dir={tmp_path / 'skip'}"])
+    assert "non-finite loss, batch skipped (1 in a row" in ok.stderr
+    assert len(read_metrics(tmp_path / "skip")) == 12
+    bad = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(train_config), "train.steps=30",
+                          "train.max_nonfinite=3", "train.inject_nonfinite=[13,14,15]", f"out_dir={tmp_path / 'stop'}"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "stopping: 3 non-finite losses in a row at step 13" in bad.stderr
+    assert "step_00000010" in bad.stderr
+    arpipe("eval", "--model", tmp_path / "stop" / "checkpoints", "--data",
+           json.loads((tmp_path / "stop" / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())["data"],
+           "--samples", 0, "--prompts", 0, "--new-run")

@@ -1,0 +1,166 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.data.shards import Shards, split_of
+from tests.conftest import ENV, arpipe, write_corpus
+
+
+def digest(out) -> dict:
+    """(split, key) -> sha256 of tokens, over every item of a shard directory."""
+    shards, items = Shards(out), {}
+    for split in ("train", "val"):
+        for shard, entry in shards.chunks(split):
+            tokens, offsets = shards.read_chunk(shard, entry["key"])
+            meta = json.loads(shards.read(shard, entry["key"], "meta.json"))
+            for item, start, end in zip(meta["items"], offsets[:-1], offsets[1:]):
+                assert (split, item["key"]) not in items, f"duplicate {item['key']}"
+                items[split, item["key"]] = hashlib.sha256(tokens[start:end].tobytes()).hexdigest()
+    return items
+
+
+def test_round_trip_decodes_every_document(corpus, text_shards):
+    shards = Shards(text_shards)
+    manifest = shards.manifest
+    seen = {}
+    for split in ("train", "val"):
+        for shard, entry in shards.chunks(split):
+            tokens, offsets = shards.read_chunk(shard, entry["key"])
+            meta = json.loads(shards.read(shard, entry["key"], "meta.json"))
+            for item, start, end in zip(meta["items"], offsets[:-1], offsets[1:]):
+                assert split_of(item["key"], 0.15) == split
+                seen[item["key"]] = shards.codec.decode(tokens[start:end])
+    files = sorted(corpus.glob("*.txt"))
+    assert len(seen) == len(files) == manifest["splits"]["train"]["items"] + manifest["splits"]["val"]["items"]
+    for path in files:
+        assert seen[f"{path.name}:0"] == path.read_text()
+    assert manifest["splits"]["val"]["items"] > 0 and manifest["codec"]["vocab_size"] == 512
+    assert manifest["splits"]["train"]["bytes"] + manifest["splits"]["val"]["bytes"] == \
+        sum(len(p.read_bytes()) for p in files)
+    for entry in manifest["shards"]:
+        assert hashlib.sha256((text_shards / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_shards_are_plain_webdataset_and_tar(text_shards):
+    tars = sorted(str(p) for p in text_shards.glob("train/*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False))
+    manifest = json.loads((text_shards / "manifest.json").read_text())
+    assert len(samples) == manifest["splits"]["train"]["chunks"]
+    sample = samples[0]
+    assert set(sample) >= {"__key__", "tokens.npy", "offsets.npy", "meta.json"}
+    tokens = np.load(__import__("io").BytesIO(sample["tokens.npy"]), allow_pickle=False)
+    assert tokens.dtype == np.uint16
+    listing = subprocess.run(["tar", "tf", tars[0]], capture_output=True, text=True, check=True).stdout.split()
+    assert listing[:3] == [f"{sample['__key__']}.{e}" for e in ("tokens.npy", "offsets.npy", "meta.json")]
+
+
+def test_task_count_does_not_change_items(tmp_path, corpus, text_shards):
+    out = tmp_path / "six"
+    arpipe("shard", "text", "--input", corpus, "--out", out, "--tokenizer", text_shards / "tokenizer.json",
+           "--num-tasks", 6, "--val-fraction", 0.15, "--chunk-mb", 0.02)
+    assert digest(out) == digest(text_shards)
+    assert len(list((out / "_tasks").glob("*.json"))) == 6
+
+
+def test_tabular_inputs_and_sample_by(tmp_path, text_shards):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": f"row {i}: " + "lorem ipsum " * i, "id": i} for i in range(1, 30)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "b.parquet")
+    (tmp_path / "in" / "c.txt").write_text("one line\nsecond line\n\nnext paragraph\n")
+    arpipe("shard", "text", "--input", tmp_path / "in", "--out", tmp_path / "o", "--sample-by", "line",
+           "--tokenizer", text_shards / "tokenizer.json", "--val-fraction", 0)
+    shards = Shards(tmp_path / "o")
+    texts = {}
+    for shard, entry in shards.chunks("train"):
+        tokens, offsets = shards.read_chunk(shard, entry["key"])
+        meta = json.loads(shards.read(shard, entry["key"], "meta.json"))
+        texts.update({m["key"]: shards.codec.decode(tokens[a:b]) for m, a, b in zip(meta["items"], offsets, offsets[1:])})
+    assert texts["a.jsonl:3"] == rows[3]["text"] and texts["b.parquet:28"] == rows[28]["text"]
+    assert [texts[f"c.txt:{i}"] for i in (0, 1, 3)] == ["one line", "second line", "next paragraph"]
+    assert shards.manifest["skipped"]["items"] == {"empty": 1}
+
+
+def test_bad_inputs_are_counted_not_fatal(tmp_path, text_shards):
+    src = write_corpus(tmp_path / "in", documents=5)
+    (src / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (src / "empty.txt").write_bytes(b"")
+    (src / "nul.txt").write_bytes(b"abc\x00def")
+    (src / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "trunc')
+    (src / "notext.jsonl").write_text('{"body": "no text field"}\n')
+    arpipe("shard", "text", "--input", src, "--out", tmp_path / "o", "--tokenizer", text_shards / "tokenizer.json")
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    skipped = manifest["skipped"]
+    assert skipped["items"] == {"invalid UTF-8": 1, "empty": 1, "NUL bytes": 1}
+    assert skipped["examples"]["invalid UTF-8"] == ["latin1.txt:0"]
+    reasons = {f["input"]: f["reason"] for f in skipped["files"]}
+    assert set(reasons) == {"broken.jsonl", "notext.jsonl"} and "no 'text' field" in reasons["notext.jsonl"]
+    assert manifest["splits"]["train"]["items"] + manifest["splits"]["val"]["items"] == 5
+
+
+def test_killed_shard_run_resumes_without_duplicates_or_gaps(tmp_path, text_shards):
+    src = write_corpus(tmp_path / "in", documents=79)
+    common = ["--input", src, "--tokenizer", text_shards / "tokenizer.json", "--num-tasks", 24, "--chunk-mb", 0.01]
+    arpipe("shard", "text", *common, "--out", tmp_path / "clean")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "shard", "text", *map(str, common), "--out", str(out),
+                             "--workers", "2"], env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(out.glob("_tasks/*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("_tasks/*.json")))
+    assert 0 < done < 24, f"the kill should land mid-run, {done} of 24 tasks were done"
+    assert not (out / "manifest.json").exists()
+    arpipe("shard", "text", *common, "--out", out, "--workers", "2")
+    assert digest(out) == digest(tmp_path / "clean")
+    assert not list(out.rglob("*.tmp"))
+    clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    resumed = json.loads((out / "manifest.json").read_text())
+    assert [e["sha256"] for e in resumed["shards"]] == [e["sha256"] for e in clean["shards"]]
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, corpus, text_shards):
+    out = tmp_path / "o"
+    arpipe("shard", "text", "--input", corpus, "--out", out, "--tokenizer", text_shards / "tokenizer.json")
+    result = arpipe("shard", "text", "--input", corpus, "--out", out, "--tokenizer", text_shards / "tokenizer.json",
+                    "--sample-by", "line", check=False)
+    assert result.returncode == 2
+    assert "was sharded with sample_by='document', not 'line'" in result.stderr
+
+
+def test_array_tasks_then_finalize(tmp_path, corpus, text_shards):
+    out = tmp_path / "o"
+    for task in (2, 0, 1):
+        arpipe("shard", "text", "--input", corpus, "--out", out, "--tokenizer", text_shards / "tokenizer.json",
+               "--task", task, "--num-tasks", 3, "--val-fraction", 0.15, "--chunk-mb", 0.02)
+    assert not (out / "manifest.json").exists()
+    arpipe("shard", "text", "--input", corpus, "--out", out, "--finalize")
+    assert digest(out) == digest(text_shards)
+
+
+def test_manifest_paths_outside_the_directory_are_refused(tmp_path, text_shards):
+    import shutil
+
+    from pipeline import ArpipeError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(text_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArpipeError, match="refusing shard path"):
+        Shards(copy)
