@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from pipeline import ArpipeError
+from pipeline.codecs import codec_classes
 
 
 def _positive(value: str) -> int:
@@ -43,18 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     shard = sub.add_parser("shard", help="turn raw data into token shards and a manifest")
     modality = shard.add_subparsers(dest="modality", required=True, metavar="MODALITY")
-    text = modality.add_parser("text", help="text (plain, JSONL, parquet) through a byte-level BPE tokenizer",
-                               description="Shard text: plain text files are cut by --sample-by; "
-                               "JSONL/parquet rows are documents (column --text-field).")
-    add_stage_options(text)
-    text.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
-                      help="how plain text files are cut into documents (default: document = whole file)")
-    text.add_argument("--text-field", default="text", help="column holding the text in JSONL/parquet (default text)")
-    group = text.add_mutually_exclusive_group()
-    group.add_argument("--vocab-size", type=_positive, default=8192, help="train a tokenizer of this size (default 8192)")
-    group.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    text.add_argument("--tokenizer-train-mb", type=float, default=500.0,
-                      help="MB of training-split text the tokenizer is trained on (default 500)")
+    for name, codec in codec_classes().items():
+        stage = modality.add_parser(name, help=codec.help, description=codec.help)
+        add_stage_options(stage)
+        codec.add_arguments(stage)
 
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -77,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the results as JSON here")
 
     sample = sub.add_parser("sample", help="draw samples from an exported model")
-    sample.add_argument("--model", required=True)
+    sample.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="text the samples continue")
     sample.add_argument("--temperature", type=float, default=1.0)
@@ -91,21 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def shard_text(args) -> None:
-    from pipeline.codecs.text import TextCodec, text_codec_maker
+def shard(args) -> None:
     from pipeline.data.shards import run_stage
     from pipeline.data.sources import expand_inputs
 
-    settings = {"modality": "text", "sample_by": args.sample_by, "text_field": args.text_field,
-                "val_fraction": args.val_fraction, "chunk_bytes": int(args.chunk_mb * 2**20),
-                "shard_bytes": int(args.shard_mb * 2**20)}
-    if args.tokenizer:
-        settings["tokenizer_sha256"] = TextCodec.load(args.tokenizer).sha256
-    else:
-        settings["vocab_size"] = args.vocab_size
+    codec = codec_classes()[args.modality]
+    settings = {"modality": args.modality, "val_fraction": args.val_fraction,
+                "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
+                **codec.shard_settings(args)}
     inputs = [] if args.finalize else expand_inputs(args.input)
-    run_stage(args.out, settings, inputs, text_codec_maker(settings, args.tokenizer, int(args.tokenizer_train_mb * 1e6)),
-              workers=args.workers, num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
+    run_stage(args.out, settings, inputs, codec.maker(settings, args), workers=args.workers,
+              num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 
 
 def run(argv: list[str]) -> None:
@@ -114,7 +104,7 @@ def run(argv: list[str]) -> None:
 
     setup_logging()
     if args.command == "shard":
-        shard_text(args)
+        shard(args)
     elif args.command == "train":
         from pipeline.config import load_config
         from pipeline.train.trainer import train
@@ -130,7 +120,8 @@ def run(argv: list[str]) -> None:
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text
 
-        print(sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed))
+        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
+            print(path.read_text() if path.suffix == ".txt" else path)
     elif args.command == "demo":
         from pipeline.demo import demo
 
@@ -145,3 +136,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `arpipe sample … | head`
+        sys.exit(0)

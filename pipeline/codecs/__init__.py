@@ -15,11 +15,32 @@ from pipeline import ArpipeError
 
 class Codec:
     modality: str = ""
-    # How the training stream cuts items into model inputs: "pack" concatenates items with an EOS
-    # token between them and cuts fixed-length blocks (text).
+    help: str = ""  # one line for `arpipe shard --help`
+    # How the stream turns items into model inputs (see pipeline/data/stream.py): "pack" joins
+    # items with EOS and cuts blocks (text), "crop" cuts crops (audio), "item" takes whole items.
     stream_mode: str = "pack"
+    unit: str = "token"  # what one variable is called in metrics: nats_per_<unit>, bits_per_<unit>
     vocab_size: int
     eos_id: int | None = None
+
+    # The shard stage's command line: options, the settings they give (written to plan.json
+    # and compared on re-runs), and the function that builds the codec once per shard stage.
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        pass
+
+    @classmethod
+    def shard_settings(cls, args) -> dict:
+        return {}
+
+    @classmethod
+    def maker(cls, settings: dict, args):
+        """make(inputs, root, out) -> codec, called once by `prepare` (e.g. to train a tokenizer)."""
+        return lambda inputs, root, out: cls.from_config({"modality": cls.modality, **settings}, out)
+
+    @classmethod
+    def from_config(cls, config: dict, root: Path) -> "Codec":
+        raise NotImplementedError
 
     def config(self) -> dict:
         raise NotImplementedError
@@ -32,9 +53,18 @@ class Codec:
         """Tokens and per-item metadata (its key, and e.g. UTF-8 bytes) for each usable record."""
         raise NotImplementedError
 
+    def sequence_length(self, block_len: int) -> int:
+        """Variables per training row: data.block_len for sequences, C·H·W for images."""
+        return block_len
+
     def model_shape(self, block_len: int) -> tuple[int, ...]:
         """The shape of one model input: (T,) for sequences, (C, H, W) for images."""
-        return (block_len,)
+        return (self.sequence_length(block_len),)
+
+    def write_samples(self, rows: np.ndarray, directory: Path, name: str, prefix_len: int = 0) -> list[Path]:
+        """Render sampled rows (n, D), tokens in the data's ordering, as files in `directory`
+        (text, WAV, PNG); the first prefix_len variables of each row were given, not sampled."""
+        raise NotImplementedError
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -45,11 +75,16 @@ class Codec:
         raise ArpipeError(f"vocabulary of {self.vocab_size} tokens is too large")
 
 
-def load_codec(config: dict, root: str | Path) -> Codec:
-    """Rebuild the codec described by a manifest's `codec` section; `root` holds its files."""
+def codec_classes() -> dict[str, type[Codec]]:
+    """Every modality, by name."""
     from pipeline.codecs.text import TextCodec
 
-    codecs = {c.modality: c for c in (TextCodec,)}
+    return {c.modality: c for c in (TextCodec,)}
+
+
+def load_codec(config: dict, root: str | Path) -> Codec:
+    """Rebuild the codec described by a manifest's `codec` section; `root` holds its files."""
+    codecs = codec_classes()
     modality = config.get("modality")
     if modality not in codecs:
         raise ArpipeError(f"unknown codec modality {modality!r}; known: {sorted(codecs)}")

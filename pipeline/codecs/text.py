@@ -22,7 +22,9 @@ EOS = "<|endoftext|>"
 
 class TextCodec(Codec):
     modality = "text"
+    help = "text (plain, JSONL, parquet) through a byte-level BPE tokenizer"
     stream_mode = "pack"
+    unit = "token"
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -52,6 +54,34 @@ class TextCodec(Codec):
             return cls(Tokenizer.from_file(str(path)))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
             raise ArpipeError(f"cannot load tokenizer {path}: {e}") from None
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.description = ("Shard text: plain text files are cut into documents by --sample-by; "
+                              "JSONL/parquet rows are documents (column --text-field).")
+        parser.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
+                            help="how plain text files are cut into documents (default: document = whole file)")
+        parser.add_argument("--text-field", default="text", help="column holding the text in JSONL/parquet (default text)")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--vocab-size", type=int, default=8192, help="train a tokenizer of this size (default 8192)")
+        group.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+        parser.add_argument("--tokenizer-train-mb", type=float, default=500.0,
+                            help="MB of training-split text the tokenizer is trained on (default 500)")
+
+    @classmethod
+    def shard_settings(cls, args) -> dict:
+        settings = {"sample_by": args.sample_by, "text_field": args.text_field}
+        if args.tokenizer:
+            settings["tokenizer_sha256"] = cls.load(args.tokenizer).sha256
+        else:
+            if args.vocab_size < 257:
+                raise ArpipeError(f"--vocab-size {args.vocab_size} is below 257 (256 bytes and EOS)")
+            settings["vocab_size"] = args.vocab_size
+        return settings
+
+    @classmethod
+    def maker(cls, settings: dict, args):
+        return text_codec_maker(settings, args.tokenizer, int(args.tokenizer_train_mb * 1e6))
 
     @classmethod
     def from_config(cls, config: dict, root: Path) -> "TextCodec":
@@ -94,6 +124,19 @@ class TextCodec(Codec):
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
+
+    def write_samples(self, rows, directory: Path, name: str, prefix_len: int = 0) -> list[Path]:
+        sections = []
+        for i, row in enumerate(rows):
+            row = [int(t) for t in row]
+            if prefix_len:
+                sections.append(f"=== {name} {i} ===\n--- given ---\n{self.decode(row[:prefix_len])}\n"
+                                f"--- sampled ---\n{self.decode(row[prefix_len:])}")
+            else:
+                sections.append(f"=== {name} {i} ===\n{self.decode(row)}")
+        path = Path(directory) / f"{name}.txt"
+        path.write_text("\n\n".join(sections) + "\n")
+        return [path]
 
     def decode(self, ids) -> str:
         """Tokens to text, ending at the first end-of-document token."""

@@ -1,15 +1,19 @@
-"""Streams over token shards: shuffled, packed training batches with exact resume, and the
-deterministic evaluation blocks that count every token once.
+"""Streams over token shards: shuffled training batches with exact resume, and the
+deterministic evaluation blocks that count every variable once.
 
 Training. Each epoch permutes the split's chunks (seeded). The stream is cut into `parts`, one
 per (rank, DataLoader worker): with at least as many chunks as parts a part takes every
 parts-th chunk of the permutation (each rank reads only its own chunks); with fewer chunks
 each part takes every parts-th item of every chunk. A part reads `shuffle_window` chunks at a
-time, shuffles their items, joins them with an EOS token after each item and cuts blocks of
-`block_len` tokens; the tokens left over at a window's end open the next window, so an epoch
-trains on every token once. A part's position is (epoch, window, block, carry-in tokens), so
-resuming rebuilds one window and skips to the block, and sees exactly the data an
-uninterrupted run would have seen.
+time, shuffles their items and turns them into fixed-length rows by the codec's stream mode:
+
+  pack  (text)   items joined with an EOS token after each, cut into blocks; the tokens left at
+                 a window's end open the next window, so an epoch trains on every token once
+  crop  (audio)  non-overlapping crops of each item from a random offset, shuffled
+  item  (images) one row per item
+
+A part's position is (epoch, window, row, carry-in tokens), so resuming rebuilds one window and
+skips to the row: a resumed run sees exactly the data an uninterrupted run would have seen.
 """
 
 import numpy as np
@@ -39,6 +43,11 @@ def initial_state() -> dict:
     return {"epoch": 0, "window": 0, "block": 0, "carry": []}
 
 
+def gather_rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """Rows tokens[s : s+length] for each start s, as one (len(starts), length) array."""
+    return tokens[starts[:, None] + np.arange(length)] if len(starts) else np.zeros((0, length), tokens.dtype)
+
+
 class TokenStream(IterableDataset):
     """Batches (batch_size, block_len) of int64 tokens for one rank, forever (epoch after epoch).
 
@@ -52,9 +61,10 @@ class TokenStream(IterableDataset):
         self.chunks = shards.chunks(split)
         if not self.chunks:
             raise ArpipeError(f"{shards.dir} has no {split} data")
-        self.eos = shards.codec.eos_id
-        self.dtype = shards.codec.token_dtype
-        self.block_len, self.batch_size, self.seed = block_len, batch_size, seed
+        codec = shards.codec
+        self.mode, self.eos, self.dtype = codec.stream_mode, codec.eos_id, codec.token_dtype
+        self.block_len = codec.sequence_length(block_len)
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world = rank, world
         self.num_workers = max(1, num_workers)
         self.window_size = max(1, shuffle_window)
@@ -68,7 +78,8 @@ class TokenStream(IterableDataset):
             return [(int(c), 0, 1) for c in order[part::parts]]
         return [(int(c), part, parts) for c in order]
 
-    def _window(self, shards: Shards, epoch: int, window: int, part: int, units) -> np.ndarray:
+    def _items(self, shards: Shards, units) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window's tokens, concatenated, and each of its items' start and length."""
         arrays, starts, lengths, base = [], [], [], 0
         for c, residue, modulus in units:
             shard, entry = self.chunks[c]
@@ -78,29 +89,49 @@ class TokenStream(IterableDataset):
             starts.append(offsets[keep] + base)
             lengths.append(offsets[keep + 1] - offsets[keep])
             base += len(tokens)
-        starts, lengths = np.concatenate(starts), np.concatenate(lengths)
-        order = np.random.default_rng([self.seed, epoch, window, part]).permutation(len(starts))
-        return pack_items(np.concatenate(arrays), starts[order], lengths[order], self.eos)
+        return np.concatenate(arrays), np.concatenate(starts), np.concatenate(lengths)
+
+    def _window(self, shards: Shards, epoch: int, window: int, part: int, units, carry) -> tuple[np.ndarray, list]:
+        """The rows of one window, and the tokens it carries into the next (pack mode only)."""
+        tokens, starts, lengths = self._items(shards, units)
+        rng = np.random.default_rng([self.seed, epoch, window, part])
+        order = rng.permutation(len(starts))
+        starts, lengths, T = starts[order], lengths[order], self.block_len
+        if self.mode == "pack":
+            joined = np.concatenate([np.asarray(carry, self.dtype), pack_items(tokens, starts, lengths, self.eos)])
+            n = len(joined) // T
+            return joined[: n * T].reshape(n, T), joined[n * T :].tolist()
+        if self.mode == "item":
+            if np.any(lengths != T):
+                raise ArpipeError(f"items of {self.dir} are not all {T} tokens long")
+            return gather_rows(tokens, starts, T), []
+        # crop: every item long enough gives its non-overlapping crops from a random offset
+        long = lengths >= T
+        starts, lengths = starts[long], lengths[long]
+        offsets = (rng.random(len(starts)) * np.minimum(T, lengths - T + 1)).astype(np.int64)
+        counts = (lengths - offsets) // T
+        first = np.repeat(starts + offsets, counts)
+        index = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        crops = first + index * T
+        return gather_rows(tokens, crops[rng.permutation(len(crops))], T), []
 
     def part_blocks(self, part: int, parts: int, state: dict):
-        """(block, state after it) for one part, forever, starting from `state`."""
+        """(row, state after it) for one part, forever, starting from `state`."""
         shards = Shards(self.dir)
         epoch, window, block, carry = state["epoch"], state["window"], state["block"], state["carry"]
-        T = self.block_len
         while True:
             units = self._units(epoch, part, parts)
             windows = [units[i : i + self.window_size] for i in range(0, len(units), self.window_size)]
-            epoch_tokens = len(carry)
+            epoch_rows = 0
             while window < len(windows):
-                tokens = np.concatenate([np.asarray(carry, self.dtype), self._window(shards, epoch, window, part, windows[window])])
-                n = len(tokens) // T
-                blocks = tokens[: n * T].reshape(n, T)
-                for b in range(block, n):
-                    yield blocks[b], {"epoch": epoch, "window": window, "block": b + 1, "carry": carry}
-                epoch_tokens += len(tokens)
-                carry, window, block = tokens[n * T :].tolist(), window + 1, 0
-            if not epoch_tokens:
-                raise ArpipeError(f"rank {self.rank}: no training data for stream part {part} of {parts}")
+                rows, carry_out = self._window(shards, epoch, window, part, windows[window], carry)
+                for b in range(block, len(rows)):
+                    yield rows[b], {"epoch": epoch, "window": window, "block": b + 1, "carry": carry}
+                epoch_rows += len(rows)
+                carry, window, block = carry_out, window + 1, 0
+            if not epoch_rows and (self.mode != "pack" or not windows):
+                raise ArpipeError(f"rank {self.rank}: no training rows of {self.block_len} tokens for stream part "
+                                  f"{part} of {parts} (too little data, or items shorter than data.block_len)")
             epoch, window = epoch + 1, 0
 
     def __iter__(self):
@@ -158,28 +189,32 @@ class Batches:
 
 def eval_blocks(shards: Shards, split: str, block_len: int, batch_size: int, *, rank: int = 0,
                 world: int = 1, max_chunks: int | None = None):
-    """Batches (tokens, mask) that cover every token of a split exactly once across ranks.
+    """Batches (tokens, mask) that cover every variable of a split exactly once across ranks.
 
-    Rank r takes chunks r, r+world, …; within a chunk items keep their order, each followed by
-    EOS, cut into blocks of block_len (the last one padded, mask False on padding). Blocks never
-    cross chunks, so the set of blocks, and the total NLL, do not depend on the world size."""
+    Rank r takes chunks r, r+world, … and keeps their items in order. pack (text): each item is
+    followed by EOS and the chunk is cut into blocks; crop (audio): each item is cut into
+    consecutive blocks; item (images): one row per item. The last block of a chunk or item is
+    padded (mask False there). Blocks never cross chunks, so the set of blocks, and the total
+    NLL, do not depend on the world size."""
     codec = shards.codec
-    chunks = shards.chunks(split)[:max_chunks]
+    T = codec.sequence_length(block_len)
     rows, masks = [], []
-    for shard, entry in chunks[rank::world]:
+    for shard, entry in shards.chunks(split)[:max_chunks][rank::world]:
         tokens, offsets = shards.read_chunk(shard, entry["key"])
-        packed = pack_items(tokens, offsets[:-1], np.diff(offsets), codec.eos_id)
-        for start in range(0, len(packed), block_len):
-            piece = packed[start : start + block_len]
-            row = np.zeros(block_len, dtype=np.int64)
-            row[: len(piece)] = piece
-            mask = np.zeros(block_len, dtype=bool)
-            mask[: len(piece)] = True
-            rows.append(row)
-            masks.append(mask)
-            if len(rows) == batch_size:
-                yield torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
-                rows, masks = [], []
+        if codec.stream_mode == "pack":
+            pieces = [pack_items(tokens, offsets[:-1], np.diff(offsets), codec.eos_id)]
+        else:
+            pieces = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        for piece in pieces:
+            for start in range(0, len(piece), T):
+                block = piece[start : start + T]
+                row, mask = np.zeros(T, dtype=np.int64), np.zeros(T, dtype=bool)
+                row[: len(block)], mask[: len(block)] = block, True
+                rows.append(row)
+                masks.append(mask)
+                if len(rows) == batch_size:
+                    yield torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
+                    rows, masks = [], []
     if rows:
         yield torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
 

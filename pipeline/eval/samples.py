@@ -1,4 +1,6 @@
-"""Samples and completions, decoded by the codec, as text for MLflow and the terminal."""
+"""Samples and completions, rendered by the codec (text, WAV, PNG) for MLflow and the terminal."""
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -7,7 +9,8 @@ from pipeline.data.shards import Shards
 
 
 def validation_prompts(shards: Shards, split: str, count: int, length: int) -> list[np.ndarray]:
-    """The first `length` tokens of the first `count` items of a split (long enough ones)."""
+    """The first `length` variables (in the data's ordering) of the first `count` items of a
+    split that are longer than that."""
     prompts = []
     for shard, entry in shards.chunks(split):
         tokens, offsets = shards.read_chunk(shard, entry["key"])
@@ -19,30 +22,36 @@ def validation_prompts(shards: Shards, split: str, count: int, length: int) -> l
     return prompts
 
 
-def sample_report(model, codec, prompts: list[np.ndarray], *, samples: int, temperature: float,
-                  top_k: int | None, seed: int) -> str:
-    """Unconditional samples, then completions of each prompt, as one readable text."""
-    generator = torch.Generator().manual_seed(seed)
-    sections = []
+def write_samples(model, codec, prompts: list[np.ndarray], directory: Path, *, samples: int,
+                  temperature: float, top_k: int | None, seed: int) -> list[Path]:
+    """Unconditional samples and completions of each prompt, as the codec's files."""
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    files = []
     if samples:
-        drawn = model.sample(samples, temperature=temperature, top_k=top_k, generator=generator)
-        for i, row in enumerate(drawn):
-            sections.append(f"=== sample {i} ===\n{codec.decode(row.flatten().tolist())}")
-    for i, prompt in enumerate(prompts):
-        completed = model.sample(1, prefix=torch.from_numpy(prompt)[None], temperature=temperature,
-                                 top_k=top_k, generator=generator)[0].flatten().tolist()
-        sections.append(f"=== completion {i} ===\n--- prompt ---\n{codec.decode(prompt.tolist())}\n"
-                        f"--- model ---\n{codec.decode(completed[len(prompt):])}")
-    return "\n\n".join(sections) + "\n"
+        rows = model.to_sequence(model.sample(samples, temperature=temperature, top_k=top_k, generator=generator))
+        files += codec.write_samples(rows.cpu().numpy(), directory, "samples")
+    if prompts:
+        length = min(len(p) for p in prompts)
+        prefix = torch.from_numpy(np.stack([p[:length] for p in prompts]))
+        rows = model.to_sequence(model.sample(len(prompts), prefix=prefix, temperature=temperature, top_k=top_k,
+                                              generator=generator))
+        files += codec.write_samples(rows.cpu().numpy(), directory, "completions", prefix_len=length)
+    return files
 
 
 def sample_text(model_path: str, n: int, prompt: str | None, temperature: float, top_k: int | None,
-                seed: int) -> str:
-    """`arpipe sample`: n samples from an export, continuing `prompt` if given."""
+                seed: int, out: str | None) -> list[Path]:
+    """`arpipe sample`: n samples from a model, continuing `prompt` (text) if given, written
+    by the codec into `out` (text is also printed)."""
+    import tempfile
+
     from pipeline.export import load_any
 
     model, codec, _ = load_any(model_path)
     generator = torch.Generator().manual_seed(seed)
     prefix = torch.from_numpy(codec.encode(prompt).astype(np.int64))[None] if prompt else None
-    rows = model.sample(n, prefix=prefix, temperature=temperature, top_k=top_k, generator=generator)
-    return "\n\n".join(f"=== sample {i} ===\n{codec.decode(r.flatten().tolist())}" for i, r in enumerate(rows))
+    rows = model.to_sequence(model.sample(n, prefix=prefix, temperature=temperature, top_k=top_k, generator=generator))
+    directory = Path(out or tempfile.mkdtemp(prefix="arpipe-samples-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return codec.write_samples(rows.numpy(), directory, "samples", prefix_len=0 if prefix is None else prefix.shape[1])

@@ -129,7 +129,7 @@ def train(cfg: Config) -> dict:
                  cfg.model["name"], n_params / 1e6, shape, codec.vocab_size, world, cfg.train.zero_stage,
                  cfg.train.precision, tracker.run_id)
 
-    tokens_per_step = cfg.data.batch_size * cfg.data.block_len * cfg.train.grad_accum * world
+    tokens_per_step = cfg.data.batch_size * model.num_vars * cfg.train.grad_accum * world
     shared = {"run_id": tracker.run_id, "model": cfg.model, "vocab_size": codec.vocab_size,
               "shape": list(shape), "data": str(shards.dir), "config": cfg.model_dump()}
 
@@ -145,9 +145,9 @@ def train(cfg: Config) -> dict:
     while step < cfg.train.steps:
         loss_sum, stop_flag, micro = 0.0, 0.0, 0
         while micro < cfg.train.grad_accum:
-            x = next(batches).to(engine.device, non_blocking=True)
-            logits = engine(x)
-            loss = F.cross_entropy(logits.float().flatten(0, -2), x.flatten())
+            x = next(batches).to(engine.device, non_blocking=True)  # (batch, variables in the data's ordering)
+            logits = model.to_sequence(engine(model.from_sequence(x)))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
             if batches.consumed in cfg.train.inject_nonfinite:
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
@@ -182,7 +182,7 @@ def train(cfg: Config) -> dict:
                        "train/lr": scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
-                       "train/samples_per_s": window_steps * tokens_per_step / cfg.data.block_len / elapsed}
+                       "train/samples_per_s": window_steps * tokens_per_step / model.num_vars / elapsed}
             tracker.log_metrics(metrics, step)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
             window_start, window_steps = time.perf_counter(), 0
@@ -220,18 +220,15 @@ def train(cfg: Config) -> dict:
 
 
 def _evaluate(engine, shards, cfg, rank, world, tracker, step) -> dict:
-    from pipeline.eval.nll import evaluate_nll
+    from pipeline.eval.nll import evaluate_nll, headline
 
     engine.eval()
     result = evaluate_nll(engine.module, shards, "val", cfg.data.block_len, cfg.eval.batch_size,
                           rank=rank, world=world, max_chunks=cfg.eval.max_chunks)
     engine.train()
-    tracker.log_metrics({f"val/{k}": v for k, v in result.items() if k in METRICS}, step)
-    LOG.info("step %d: val %s", step, " ".join(f"{k}={result[k]:.4f}" for k in METRICS if k in result))
+    tracker.log_metrics({f"val/{k}": v for k, v in headline(result).items()}, step)
+    LOG.info("step %d: val %s", step, " ".join(f"{k}={v:.4f}" for k, v in headline(result).items()))
     return result
-
-
-METRICS = ("nats_per_token", "bits_per_token", "bits_per_byte")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -89,8 +89,8 @@ def test_launchers_agree_and_eval_is_world_size_independent(tmp_path, train_conf
     metrics = client.get_run(r1["run_id"]).data.metrics
     assert metrics["val/bits_per_byte"] == pytest.approx(r1["bits_per_byte"])
     assert "train/loss_nats" in metrics
-    artifacts = [a.path for a in client.list_artifacts(r1["run_id"], "samples")]
-    assert artifacts == ["samples/val-step00000012.txt"]
+    artifacts = [a.path for a in client.list_artifacts(r1["run_id"], "samples/val-step00000012")]
+    assert artifacts == ["samples/val-step00000012/completions.txt", "samples/val-step00000012/samples.txt"]
 
 
 def test_nonfinite_losses_skip_then_stop_with_a_usable_checkpoint(tmp_path, train_config):
