@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="shard -> train (2 DeepSpeed processes) -> eval on a bundled corpus")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
-    demo.add_argument("--steps", type=int, help="override train.steps")
+    demo.add_argument("--steps", type=int, help="override train.steps of every leg (for a quick try)")
+    demo.add_argument("--legs", nargs="+", help="run only these legs (default: all)")
     return parser
 
 
@@ -125,7 +126,7 @@ def run(argv: list[str]) -> None:
     elif args.command == "demo":
         from pipeline.demo import demo
 
-        demo(args.out, args.config, args.steps)
+        demo(args.out, args.config, args.steps, args.legs)
 
 
 def main(argv: list[str] | None = None) -> None:
