@@ -1,11 +1,15 @@
-"""The `arpipe` command: shard, train, eval, sample, demo."""
+"""The `arpipe` command: shard, train, eval, sample, submit, recipe, demo."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from pipeline import ArpipeError
 from pipeline.codecs import codec_classes
+
+
+PREEMPTED = 75  # EX_TEMPFAIL: the trainer checkpointed on SIGTERM/SIGUSR1; job scripts requeue on it
 
 
 def _positive(value: str) -> int:
@@ -61,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive, default=16)
     ev.add_argument("--samples", type=int, default=4, help="unconditional samples")
     ev.add_argument("--prompts", type=int, default=4, help="completions of validation items' starts")
-    ev.add_argument("--prompt-len", type=_positive, default=32, help="tokens of each prompt")
+    ev.add_argument("--prompt-len", type=_positive,
+                    help="variables given to each completion (default: the codec's: 32 tokens, half an image)")
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--top-k", type=int)
     ev.add_argument("--seed", type=int, default=0)
@@ -73,10 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
     sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
-    sample.add_argument("--prompt", help="text the samples continue")
+    sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--seed", type=int, default=0)
+
+    server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
+                            description="Start an MLflow tracking server on a sqlite store with local "
+                            "artifacts; point runs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.")
+    server.add_argument("--store", type=Path, default=Path("mlruns"),
+                        help="directory of mlflow.db and artifacts/ (default mlruns: the embedded store runs use)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=_positive, default=1)
+
+    mlimport = sub.add_parser("mlflow-import", help="send metrics a run could not deliver to MLflow")
+    mlimport.add_argument("file", type=Path, help="a run's mlflow-unsent.jsonl")
+    mlimport.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else the embedded store")
+
+    submit = sub.add_parser("submit", help="submit shard -> train -> eval as dependent Slurm jobs",
+                            description="Submit the chain shard -> train -> eval to Slurm (afterok "
+                            "dependencies) from the config's `slurm` section.")
+    submit.add_argument("--config", required=True)
+    submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, passed to training too")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch commands and scripts, submit nothing")
+
+    recipe = sub.add_parser("recipe", help="compare variants (orderings, models, …): shard, train, eval each, "
+                            "log a table to MLflow", description="Run a recipe (see configs/image-orderings.yaml): "
+                            "for each variant shard, train on 2 DeepSpeed processes and evaluate, then log the "
+                            "recipe's metric per variant as a table in a parent MLflow run.")
+    recipe.add_argument("recipe", type=Path, help="recipe YAML")
+    recipe.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
+    recipe.add_argument("--steps", type=_positive, help="override train.steps of every variant (for a quick try)")
+    recipe.add_argument("--variants", nargs="+", help="run only these variants (default: all)")
 
     demo = sub.add_parser("demo", help="shard -> train (2 DeepSpeed processes) -> eval on a bundled corpus")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -110,7 +144,10 @@ def run(argv: list[str]) -> None:
         from pipeline.config import load_config
         from pipeline.train.trainer import train
 
-        train(load_config(args.config, args.overrides))
+        stopped = train(load_config(args.config, args.overrides)).get("stopped")
+        # under a job script (which requeues) every rank exits 0, else srun would kill the slower ones
+        if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER"):
+            sys.exit(PREEMPTED)
     elif args.command == "eval":
         from pipeline.eval.run import run_eval
 
@@ -123,6 +160,23 @@ def run(argv: list[str]) -> None:
 
         for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "mlflow-server":
+        from pipeline.tracking import serve
+
+        serve(args.store, args.host, args.port, args.workers)
+    elif args.command == "mlflow-import":
+        from pipeline.tracking import import_metrics
+
+        print(f"sent {import_metrics(args.file, args.tracking_uri)} metrics")
+    elif args.command == "submit":
+        from pipeline.config import load_config
+        from pipeline.submit import submit
+
+        submit(load_config(args.config, args.overrides), args.config, args.overrides, args.dry_run)
+    elif args.command == "recipe":
+        from pipeline.recipes import run_recipe
+
+        run_recipe(args.recipe, args.out, args.steps, args.variants)
     elif args.command == "demo":
         from pipeline.demo import demo
 

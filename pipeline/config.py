@@ -52,6 +52,8 @@ class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     experiment: str = "arpipe"
     run_name: str | None = None
+    flush_every: float = 10.0  # seconds between metric batches sent by the background thread
+    close_timeout: float = 30.0  # at the end, wait this long for an unreachable server, then write a file
 
 
 class EvalConfig(Section):
@@ -64,6 +66,42 @@ class EvalConfig(Section):
     top_k: int | None = None
 
 
+class SlurmJob(Section):
+    time: str | None = None  # --time, e.g. "04:00:00"
+    partition: str | None = None
+    options: list[str] = []  # any other sbatch options, e.g. ["--qos=high"]
+
+
+class SlurmShard(SlurmJob):
+    """The shard stage as a job array; `arpipe shard <modality> --input … --out data.path <args>`."""
+    modality: str = "text"
+    inputs: list[str]
+    args: list[str] = []  # more `arpipe shard` options, e.g. ["--vocab-size", "50257"]
+    tasks: int = 16  # array size: the inputs are cut into this many tasks
+    parallel: int | None = None  # at most this many array elements at once (--array=…%N)
+
+
+class SlurmTrain(SlurmJob):
+    nodes: int = 1
+    tasks_per_node: int = 1  # ranks per node: one per GPU
+    gpus_per_node: int = 0
+    launcher: Literal["srun", "deepspeed"] = "srun"  # srun per rank, or the deepspeed launcher per node
+    signal: str = "USR1@300"  # checkpoint and requeue this long before the time limit
+
+
+class SlurmEval(SlurmJob):
+    tasks: int = 1
+    args: list[str] = []  # more `arpipe eval` options
+
+
+class SlurmConfig(Section):
+    """For `arpipe submit`: the chain shard -> train -> eval as dependent Slurm jobs."""
+    options: list[str] = []  # sbatch options for every job, e.g. ["--account=proj"]
+    shard: SlurmShard | None = None  # None: data.path already holds shards
+    train: SlurmTrain = SlurmTrain()
+    eval: SlurmEval = SlurmEval()
+
+
 class Config(Section):
     out_dir: str
     seed: int = 0
@@ -74,6 +112,7 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     deepspeed: dict = {}  # passed through to DeepSpeed over the config derived from the above
+    slurm: SlurmConfig = SlurmConfig()
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -8,6 +8,7 @@ Loading never unpickles: safetensors and JSON only.
 """
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -64,7 +65,10 @@ def load_export(path: str | Path) -> tuple[ARModel, Codec, dict]:
     directory = find_export(path)
     meta = json.loads((directory / "model.json").read_text())
     model = build_model(meta["model"], meta["vocab_size"], tuple(meta["shape"]))
-    load_model(model, str(directory / "model.safetensors"))
+    try:
+        load_model(model, str(directory / "model.safetensors"))
+    except Exception as e:  # safetensors reads tensors only; anything else is not a model of ours
+        raise ArpipeError(f"cannot load {directory / 'model.safetensors'}: {e}") from None
     model.eval()
     codec = load_codec(json.loads((directory / "codec.json").read_text()), directory)
     return model, codec, meta
@@ -88,12 +92,23 @@ def consolidate_checkpoint(path: str | Path) -> tuple[ARModel, Codec, dict]:
     model = build_model(meta["model"], meta["vocab_size"], tuple(meta["shape"]))
     stage = meta["config"]["train"]["zero_stage"]
     if stage == 0:
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        try:
+            states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ArpipeError(f"refusing to load checkpoint {path}: it holds objects other than tensors "
+                              f"and plain data ({str(e).splitlines()[0][:200]})") from None
         weights = states["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        from pipeline.train.checkpoint import safe_torch_load
+
+        try:
+            with safe_torch_load():
+                weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        except pickle.UnpicklingError as e:
+            raise ArpipeError(f"refusing to load checkpoint {path}: it holds objects other than tensors "
+                              f"and plain data ({str(e).splitlines()[0][:200]})") from None
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     missing = set(dict(model.named_parameters())) - set(weights)
     if missing:
@@ -105,6 +120,7 @@ def consolidate_checkpoint(path: str | Path) -> tuple[ARModel, Codec, dict]:
 def load_any(path: str | Path) -> tuple[ARModel, Codec, dict]:
     """An export, a run directory with an export, or a checkpoint."""
     try:
-        return load_export(path)
+        directory = find_export(path)
     except ArpipeError:
         return consolidate_checkpoint(path)
+    return load_export(directory)

@@ -8,13 +8,11 @@ LOG = logging.getLogger("arpipe")
 
 
 def setup_logging(rank: int | None = None) -> None:
+    """(Re)configure for this process; call again once the rank is known."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    if LOG.handlers:
-        LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        return
-    handler = logging.StreamHandler(sys.stderr)
+    if not LOG.handlers:
+        LOG.addHandler(logging.StreamHandler(sys.stderr))
+        LOG.propagate = False
     tag = f"[arpipe rank {rank}]" if os.environ.get("WORLD_SIZE", "1") != "1" else "[arpipe]"
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {tag} %(message)s", "%H:%M:%S"))
-    LOG.addHandler(handler)
+    LOG.handlers[0].setFormatter(logging.Formatter(f"%(asctime)s {tag} %(message)s", "%H:%M:%S"))
     LOG.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    LOG.propagate = False

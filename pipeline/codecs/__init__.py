@@ -1,7 +1,7 @@
 """Codecs: the one place that knows a modality.
 
 A codec turns raw records into token arrays for the shard stage, tells the model its vocabulary
-and shape, and turns sampled tokens back into text (later WAV or PNG). Its `config()` is written
+and shape, and turns sampled tokens back into text, WAV or PNG. Its `config()` is written
 into the shard manifest, so training, evaluation and sampling rebuild the identical codec with
 `load_codec` and never guess how data was tokenised.
 """
@@ -61,6 +61,11 @@ class Codec:
         """The shape of one model input: (T,) for sequences, (C, H, W) for images."""
         return (self.sequence_length(block_len),)
 
+    @property
+    def default_prompt_len(self) -> int:
+        """Variables given to completions when eval is not told (`--prompt-len`)."""
+        return 32
+
     def write_samples(self, rows: np.ndarray, directory: Path, name: str, prefix_len: int = 0) -> list[Path]:
         """Render sampled rows (n, D), tokens in the data's ordering, as files in `directory`
         (text, WAV, PNG); the first prefix_len variables of each row were given, not sampled."""
@@ -77,9 +82,11 @@ class Codec:
 
 def codec_classes() -> dict[str, type[Codec]]:
     """Every modality, by name."""
+    from pipeline.codecs.audio import AudioCodec
+    from pipeline.codecs.image import ImageCodec
     from pipeline.codecs.text import TextCodec
 
-    return {c.modality: c for c in (TextCodec,)}
+    return {c.modality: c for c in (TextCodec, AudioCodec, ImageCodec)}
 
 
 def load_codec(config: dict, root: str | Path) -> Codec:

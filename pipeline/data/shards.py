@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 import time
 from collections import Counter
@@ -228,6 +229,7 @@ def run_task(out: Path, task: int) -> dict:
 
     for path in plan.task_inputs(task):
         try:
+            require_regular_file(path)
             for record in codec.read_records(path, plan.root, settings):
                 if record.skip:
                     skipped_items[record.skip] += 1
@@ -249,6 +251,16 @@ def run_task(out: Path, task: int) -> dict:
     marker.parent.mkdir(exist_ok=True)
     write_json_atomic(marker, result)
     return result
+
+
+def require_regular_file(path: Path) -> None:
+    """Raise (with a reason for the manifest) unless `path` is a readable regular file; reading
+    a FIFO would block the task forever."""
+    mode = os.stat(path).st_mode  # OSError for broken symlinks, symlink loops
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file ({stat.filemode(mode)})")
+    with open(path, "rb") as f:  # PermissionError for an unreadable file
+        f.read(1)
 
 
 def _size(path: Path) -> int:
@@ -342,7 +354,11 @@ class Shards:
         """Member name -> (data offset, size), from the tar headers (read once per shard)."""
         if shard not in self._members:
             with tarfile.open(self.dir / shard) as tar:
-                self._members[shard] = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+                members = tar.getmembers()
+            for m in members:  # a shard is data, never a path: refuse names a tool could write outside
+                if m.name.startswith("/") or ".." in m.name.split("/") or not m.isfile():
+                    raise ArpipeError(f"{self.dir / shard}: refusing member {m.name!r} (absolute, '..' or not a file)")
+            self._members[shard] = {m.name: (m.offset_data, m.size) for m in members}
         return self._members[shard]
 
     def read(self, shard: str, key: str, ext: str) -> bytes:
@@ -352,8 +368,11 @@ class Shards:
 
     def read_chunk(self, shard: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         """A chunk's concatenated tokens and item offsets."""
-        tokens = np.load(io.BytesIO(self.read(shard, key, "tokens.npy")), allow_pickle=False)
-        offsets = np.load(io.BytesIO(self.read(shard, key, "offsets.npy")), allow_pickle=False)
+        try:  # allow_pickle=False: a shard holds numbers, never objects to unpickle
+            tokens = np.load(io.BytesIO(self.read(shard, key, "tokens.npy")), allow_pickle=False)
+            offsets = np.load(io.BytesIO(self.read(shard, key, "offsets.npy")), allow_pickle=False)
+        except (ValueError, KeyError) as e:
+            raise ArpipeError(f"{self.dir / shard}: cannot read chunk {key}: {e}") from None
         return tokens, offsets
 
 

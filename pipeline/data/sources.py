@@ -27,18 +27,38 @@ class Record:
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted, unique."""
-    files: set[Path] = set()
+    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted.
+
+    A file reached through several symlinked paths is listed once. Directory loops made of
+    symlinks are walked once. Broken symlinks, symlink loops and special files (FIFOs, sockets)
+    are listed too: the shard task that meets them records them as skipped, with the reason."""
+    found: dict[str, Path] = {}  # real path -> first path that reached it
+
+    def add(path: Path):
+        try:
+            key = str(path.resolve(strict=True))
+        except (OSError, RuntimeError):  # broken symlink or symlink loop: keep it to report it
+            key = str(path.absolute())
+        found.setdefault(key, path.absolute())
+
     for pattern in patterns:
         matches = glob.glob(os.path.expanduser(pattern), recursive=True)
         if not matches:
             raise ArpipeError(f"--input {pattern!r} matches no file")
         for match in map(Path, matches):
-            if match.is_dir():
-                files.update(p for p in match.rglob("*") if p.is_file())
-            else:
-                files.add(match)
-    return sorted(p.absolute() for p in files)
+            if not match.is_dir():
+                add(match)
+                continue
+            seen_dirs = set()
+            for directory, subdirs, files in os.walk(match, followlinks=True):
+                real = os.path.realpath(directory)
+                if real in seen_dirs:  # a symlink loop back into a walked directory
+                    subdirs.clear()
+                    continue
+                seen_dirs.add(real)
+                for name in files:
+                    add(Path(directory, name))
+    return sorted(found.values())
 
 
 def common_root(files: list[Path]) -> Path:

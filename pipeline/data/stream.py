@@ -14,6 +14,12 @@ time, shuffles their items and turns them into fixed-length rows by the codec's 
 
 A part's position is (epoch, window, row, carry-in tokens), so resuming rebuilds one window and
 skips to the row: a resumed run sees exactly the data an uninterrupted run would have seen.
+
+Resuming with another number of parts (world size × workers) cannot be exact; `continue_from`
+finishes the interrupted epoch on the chunks no part had fully read: no chunk is skipped, a
+fully read chunk is not read again in that epoch, the windows that were partly read (at most one
+per old part, plus whatever a part had read of the next epoch) are read again, and the tokens
+carried between windows (fewer than block_len per part) are dropped.
 """
 
 import numpy as np
@@ -70,10 +76,14 @@ class TokenStream(IterableDataset):
         self.window_size = max(1, shuffle_window)
         self.states = [initial_state() for _ in range(self.num_workers)]
         self.first_worker = 0  # logical worker of DataLoader worker 0 (rotates on resume)
+        self.done = {"epoch": -1, "chunks": []}  # chunks read in `epoch` before a change of world size
 
-    def _units(self, epoch: int, part: int, parts: int) -> list[tuple[int, int, int]]:
+    def _units(self, epoch: int, part: int, parts: int, done: dict | None = None) -> list[tuple[int, int, int]]:
         """(chunk index, item residue, item modulus) a part reads in this epoch, in order."""
+        done = done or self.done
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
+        if epoch == done["epoch"]:
+            order = order[~np.isin(order, done["chunks"])]
         if len(order) >= parts:
             return [(int(c), 0, 1) for c in order[part::parts]]
         return [(int(c), part, parts) for c in order]
@@ -129,10 +139,26 @@ class TokenStream(IterableDataset):
                     yield rows[b], {"epoch": epoch, "window": window, "block": b + 1, "carry": carry}
                 epoch_rows += len(rows)
                 carry, window, block = carry_out, window + 1, 0
-            if not epoch_rows and (self.mode != "pack" or not windows):
+            if not epoch_rows and (self.mode != "pack" or not windows) and epoch != self.done["epoch"]:
                 raise ArpipeError(f"rank {self.rank}: no training rows of {self.block_len} tokens for stream part "
                                   f"{part} of {parts} (too little data, or items shorter than data.block_len)")
             epoch, window = epoch + 1, 0
+
+    def continue_from(self, saved: list[dict]) -> None:
+        """Start where a run with another number of parts stopped; `saved` holds every old
+        rank's `Batches.state_dict()`, in rank order (see the module docstring)."""
+        parts = saved[0]["parts"]
+        states = [w for rank in saved for w in rank["workers"]]  # part p = rank × workers + worker
+        done_before = saved[0]["done"]
+        epoch = min(s["epoch"] for s in states)
+        read = set(done_before["chunks"]) if done_before["epoch"] == epoch else set()
+        for part, state in enumerate(states):
+            units = self._units(epoch, part, parts, done_before)
+            finished = len(units) if state["epoch"] > epoch else state["window"] * self.window_size
+            read.update(c for c, _, modulus in units[:finished] if modulus == 1)
+        self.done = {"epoch": epoch, "chunks": sorted(read)}
+        self.states = [{**initial_state(), "epoch": epoch} for _ in range(self.num_workers)]
+        self.first_worker = 0
 
     def __iter__(self):
         info = get_worker_info()
@@ -161,16 +187,21 @@ class Batches:
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "workers": [dict(s) for s in self.stream.states],
-                "parts": self.stream.world * self.stream.num_workers}
+                "parts": self.stream.world * self.stream.num_workers, "done": self.stream.done}
 
-    def load_state_dict(self, state: dict) -> None:
-        parts = self.stream.world * self.stream.num_workers
-        if state["parts"] != parts or len(state["workers"]) != self.stream.num_workers:
-            raise ArpipeError(f"the checkpoint's data stream has {state['parts']} parts, this run {parts} "
-                              f"(world size × data.num_workers must match to resume the stream exactly)")
-        self.consumed = state["consumed"]
-        self.stream.states = [dict(s) for s in state["workers"]]
-        self.stream.first_worker = self.consumed % self.stream.num_workers
+    def load_state_dict(self, saved: list[dict], rank: int) -> None:
+        """Resume from every old rank's state: exactly if the number of parts is unchanged,
+        else as `TokenStream.continue_from` describes."""
+        state = saved[rank] if rank < len(saved) else None
+        if state is None or state["parts"] != self.stream.world * self.stream.num_workers \
+                or len(state["workers"]) != self.stream.num_workers:
+            self.stream.continue_from(saved)
+            self.consumed = 0
+        else:
+            self.consumed = state["consumed"]
+            self.stream.states = [dict(s) for s in state["workers"]]
+            self.stream.done = state["done"]
+            self.stream.first_worker = self.consumed % self.stream.num_workers
         self._iter = None
 
     def __next__(self) -> torch.Tensor:

@@ -4,6 +4,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from pipeline import ArpipeError
@@ -12,20 +13,27 @@ from pipeline.eval.nll import evaluate_nll, headline
 from pipeline.eval.samples import validation_prompts, write_samples
 from pipeline.export import load_any
 from pipeline.log import LOG, setup_logging
+from pipeline.models import check_ordering
 from pipeline.tracking import Tracker, ui_command
 from pipeline.train.dist import rank_env
 
 
 def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int = 16,
-             samples: int = 4, prompts: int = 4, prompt_len: int = 32, temperature: float = 1.0,
+             samples: int = 4, prompts: int = 4, prompt_len: int | None = None, temperature: float = 1.0,
              top_k: int | None = None, seed: int = 0, new_run: bool = False,
              tracking_uri: str | None = None, experiment: str = "arpipe", out: str | None = None) -> dict:
-    rank, world, _ = rank_env()
+    rank, world, local_rank = rank_env()
     setup_logging(rank)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model, codec, meta = load_any(model_path)
+    model.to(device)
     shards = Shards(data)
+    check_ordering(model, shards.manifest["codec"], shards.dir)
     if shards.manifest["codec"] != codec.config():
         raise ArpipeError(f"{data} was tokenised with another codec than the model was trained on "
                           f"(compare codec in {shards.dir / 'manifest.json'})")
@@ -40,7 +48,8 @@ def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int 
                           run_name=None if run_id else f"eval-{Path(model_path).name}")
         tracker.log_metrics({f"{split}/{k}": v for k, v in headline(result).items()}, step)
         with tempfile.TemporaryDirectory() as tmp:
-            files = write_samples(model, codec, validation_prompts(shards, split, prompts, prompt_len), Path(tmp),
+            starts = validation_prompts(shards, split, prompts, prompt_len or codec.default_prompt_len)
+            files = write_samples(model, codec, starts, Path(tmp),
                                   samples=samples, temperature=temperature, top_k=top_k, seed=seed)
             for path in files:
                 tracker.log_artifact(path, f"samples/{split}-step{step:08d}")

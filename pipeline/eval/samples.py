@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import ArpipeError
 from pipeline.data.shards import Shards
 
 
@@ -49,8 +50,14 @@ def sample_text(model_path: str, n: int, prompt: str | None, temperature: float,
     from pipeline.export import load_any
 
     model, codec, _ = load_any(model_path)
+    if prompt and not hasattr(codec, "encode"):
+        raise ArpipeError(f"--prompt cannot be encoded for {codec.modality} data; "
+                          f"`arpipe eval` writes completions of validation items")
     generator = torch.Generator().manual_seed(seed)
     prefix = torch.from_numpy(codec.encode(prompt).astype(np.int64))[None] if prompt else None
+    if prefix is not None and prefix.shape[1] >= model.num_vars:
+        raise ArpipeError(f"--prompt is {prefix.shape[1]} tokens; the model generates {model.num_vars} "
+                          f"in all, so a prompt must be shorter")
     rows = model.to_sequence(model.sample(n, prefix=prefix, temperature=temperature, top_k=top_k, generator=generator))
     directory = Path(out or tempfile.mkdtemp(prefix="arpipe-samples-"))
     directory.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,11 @@ from pydantic import ValidationError
 from pipeline import ArpipeError
 from pipeline.models.base import ARModel
 from pipeline.models.gpt import GPT
+from pipeline.models.pixelcnn import PixelCNN
+from pipeline.models.rnn import GRU
+from pipeline.models.wavenet import WaveNet
 
-MODELS: dict[str, type[ARModel]] = {"gpt": GPT}
+MODELS: dict[str, type[ARModel]] = {"gpt": GPT, "wavenet": WaveNet, "gru": GRU, "pixelcnn": PixelCNN}
 
 
 def model_config(cfg: dict):
@@ -26,3 +29,12 @@ def build_model(cfg: dict, vocab_size: int, shape: tuple[int, ...]) -> ARModel:
         err = e.errors()[0]
         raise ArpipeError(f"model.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     return MODELS[config.name](config, vocab_size, tuple(shape))
+
+
+def check_ordering(model: ARModel, codec_config: dict, data) -> None:
+    """Refuse data whose ordering is not the one a model's architecture implements."""
+    ordering = codec_config.get("ordering")
+    if model.required_ordering and ordering != model.required_ordering:
+        raise ArpipeError(f"{type(model).__name__} needs {model.required_ordering}-ordered data, but {data} holds "
+                          f"{ordering or 'unordered'} data; reshard with --ordering {model.required_ordering} "
+                          f"or train a 1-D model (gpt, gru)")

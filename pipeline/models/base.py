@@ -23,6 +23,10 @@ from torch import nn
 
 
 class ARModel(nn.Module):
+    # The data ordering a model's architecture implements (PixelCNN: "raster"); None means the
+    # model takes its variables in whatever ordering the data has (GPT, GRU).
+    required_ordering: str | None = None
+
     def __init__(self, vocab_size: int, shape: tuple[int, ...]):
         super().__init__()
         self.vocab_size = vocab_size
@@ -31,6 +35,16 @@ class ARModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Derived facts worth logging with the run (e.g. a receptive field); values are scalars."""
+        return {}
+
+    def train_flops_per_variable(self) -> float:
+        """Training FLOPs (forward + backward) per modelled variable, for MFU: 6 per parameter
+        use (2 forward, 4 backward). Models whose compute is not one use of each weight per
+        variable (attention, convolutions) override it."""
+        return 6.0 * sum(p.numel() for p in self.parameters())
 
     def token_nll(self, x: torch.Tensor) -> torch.Tensor:
         """-log p(x_i | x_<i) in nats for every variable, shape (batch, D) in the ordering."""

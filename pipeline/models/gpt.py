@@ -85,6 +85,13 @@ class GPT(ARModel):
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def train_flops_per_variable(self) -> float:
+        """6·N for the matrices (the position table is a lookup, not a matmul) plus attention's
+        QKᵀ and AV: 2·2·d·T per layer forward at full context, ×3 with the backward pass
+        (PaLM's 6N + 12·L·d·T)."""
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return 6.0 * n + 12.0 * self.cfg.n_layer * self.cfg.d_model * self.context
+
     @staticmethod
     def _init(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -12,15 +12,43 @@ DeepSpeed's tools (zero_to_fp32, ds_to_universal) read these directories as they
 """
 
 import base64
+import contextlib
+import io
 import json
 import os
+import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from pipeline import ArpipeError
 from pipeline.log import LOG
+
+
+@contextmanager
+def safe_torch_load():
+    """Every torch.load inside runs with weights_only=True: DeepSpeed reads its own checkpoint
+    files with weights_only=False, which would run any code a tampered file carries. Only the
+    three plain data classes DeepSpeed stores are allowed besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
 
 
 def rng_state() -> str:
@@ -63,8 +91,17 @@ class Checkpoints:
         dist.barrier()
         return tag
 
-    def load(self, engine) -> dict | None:
-        """Restore the latest complete checkpoint into `engine`; its trainer state, or None."""
+    def saved_state(self) -> dict | None:
+        """The latest complete checkpoint's trainer state (readable before DeepSpeed starts)."""
+        tag = self.latest()
+        return json.loads((self.dir / tag / "trainer_state.json").read_text()) if tag else None
+
+    def load(self, engine, universal: bool = False) -> dict | None:
+        """Restore the latest complete checkpoint into `engine`; its trainer state, or None.
+
+        `universal`: the checkpoint's ZeRO partitions are for another world size; rank 0
+        converts it to DeepSpeed's universal format first (the engine was initialised with
+        checkpoint.load_universal)."""
         tag = self.latest()
         if tag is None:
             return None
@@ -72,8 +109,38 @@ class Checkpoints:
             for stale in self.tags():  # a save killed before `latest` moved
                 if stale > tag:
                     shutil.rmtree(self.dir / stale, ignore_errors=True)
+            if universal:
+                to_universal(self.dir / tag, self.dir / f"universal_{tag}")
         dist.barrier()
-        engine.load_checkpoint(str(self.dir), tag=tag)
+        try:
+            with safe_torch_load():
+                engine.load_checkpoint(str(self.dir), tag=f"universal_{tag}" if universal else tag)
+        except pickle.UnpicklingError as e:
+            raise ArpipeError(f"refusing to load checkpoint {self.dir / tag}: it holds objects other than "
+                              f"tensors and plain data ({str(e).splitlines()[0][:200]})") from None
+        dist.barrier()
+        if universal and self.rank == 0:
+            shutil.rmtree(self.dir / f"universal_{tag}", ignore_errors=True)
         state = json.loads((self.dir / tag / "trainer_state.json").read_text())
-        LOG.info("resumed from %s (step %d)", self.dir / tag, state["step"])
+        LOG.info("resumed from %s (step %d%s)", self.dir / tag, state["step"],
+                 f", written by {state['world_size']} ranks" if universal else "")
         return state
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal, in-process so its loads go through safe_torch_load."""
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    LOG.info("converting %s to a universal checkpoint for another world size", source)
+    shutil.rmtree(target, ignore_errors=True)
+    argv = sys.argv
+    sys.argv = ["ds_to_universal", "--input_folder", str(source), "--output_folder", str(target),
+                "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+    try:
+        args = ds_to_universal.parse_arguments()
+    finally:
+        sys.argv = argv
+    with safe_torch_load(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)  # quiet: its progress bars and banners would fill the job log

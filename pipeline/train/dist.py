@@ -3,11 +3,15 @@
 `deepspeed` and `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. `srun`
 sets only SLURM_* variables and DeepSpeed does not read them (it falls back to MPI discovery
 and fails without mpi4py), so we map them. A plain `python -m pipeline.train` is one process.
+
+`python -m pipeline.train.dist` prints "ADDRESS PORT" of the Slurm allocation's master, for job
+scripts that start another launcher per node.
 """
 
 import os
 import re
 import socket
+import subprocess
 
 
 def first_host(nodelist: str) -> str:
@@ -16,9 +20,26 @@ def first_host(nodelist: str) -> str:
     if not match:
         return nodelist
     prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def node_address(host: str) -> str:
+    """The address Slurm knows for a node (NodeAddr): node names need not resolve in DNS."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"NodeAddr=(\S+)", out)
+        return match.group(1) if match else host
+    except (OSError, subprocess.TimeoutExpired):
+        return host
+
+
+def slurm_master() -> tuple[str, str]:
+    """MASTER_ADDR and MASTER_PORT for a Slurm job: the first node's address, and a port derived
+    from the job id (and array task) so jobs sharing a node do not collide."""
+    env = os.environ
+    nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+    port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 7 + int(env.get("SLURM_ARRAY_TASK_ID", "0"))) % 20000
+    return env.get("MASTER_ADDR") or node_address(first_host(nodelist)), env.get("MASTER_PORT") or str(port)
 
 
 def free_port() -> int:
@@ -34,12 +55,14 @@ def rank_env() -> tuple[int, int, int]:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        # The sbatch scripts export MASTER_ADDR as the first node's address; node names may not resolve.
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env["MASTER_ADDR"], env["MASTER_PORT"] = slurm_master()
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+
+
+if __name__ == "__main__":
+    print(*slurm_master())

@@ -5,6 +5,7 @@ small tensor (loss sum, a non-finite flag, a stop request) so all ranks agree on
 step and on stopping for a signal at the same step.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pipeline.data.shards import Shards
 from pipeline.data.stream import Batches, TokenStream
 from pipeline.export import full_fp32_state, save_export
 from pipeline.log import LOG, setup_logging
-from pipeline.models import build_model
+from pipeline.models import build_model, check_ordering
 from pipeline.tracking import Tracker, ui_command
 from pipeline.train.checkpoint import Checkpoints, rng_state, set_rng_state
 from pipeline.train.dist import rank_env
@@ -56,6 +57,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+# Dense peak FLOP/s per GPU for bf16 (and TF32 for fp32), by name, for the MFU estimate.
+PEAK_FLOPS = {"H200": (989e12, 494e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12),
+              "L40S": (362e12, 183e12), "A10": (125e12, 62.5e12), "L4": (121e12, 60e12)}
+
+
+def gpu_peak_flops(precision: str) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, (bf16, tf32) in PEAK_FLOPS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 (Slurm preemption, `--signal=USR1@N`): checkpoint at the next step, exit."""
 
@@ -82,33 +98,40 @@ def train(cfg: Config) -> dict:
     shape = codec.model_shape(cfg.data.block_len)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, codec.vocab_size, shape)
+    check_ordering(model, shards.manifest["codec"], shards.dir)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     ds_config = deepspeed_config(cfg, world)
+    out = Path(cfg.out_dir)
+    checkpoints = Checkpoints(out / "checkpoints", rank, cfg.train.keep_last)
+    saved = checkpoints.saved_state()
+    # ZeRO partitions are per rank: another world size loads through a universal checkpoint
+    universal = bool(saved) and saved["world_size"] != world and cfg.train.zero_stage > 0
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         # the schedule is a pure function of the step; LambdaLR keeps it in DeepSpeed's checkpoint
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.optim.lr))
 
-    out = Path(cfg.out_dir)
-    checkpoints = Checkpoints(out / "checkpoints", rank, cfg.train.keep_last)
     batches = Batches(TokenStream(shards, "train", cfg.data.block_len, cfg.data.batch_size, seed=cfg.seed,
                                   rank=rank, world=world, num_workers=cfg.data.num_workers,
                                   shuffle_window=cfg.data.shuffle_window))
-    state = checkpoints.load(engine)
+    state = checkpoints.load(engine, universal)
     step, run_id = 0, None
     if state:
-        if state["world_size"] != world:
-            raise ArpipeError(f"checkpoint {checkpoints.latest()} was written by {state['world_size']} ranks, "
-                              f"this run has {world}")
         step, run_id = state["step"], state["run_id"]
-        batches.load_state_dict(state["ranks"][rank]["data"])
-        set_rng_state(state["ranks"][rank]["rng"])
+        batches.load_state_dict([r["data"] for r in state["ranks"]], rank)
+        if state["world_size"] == world:
+            set_rng_state(state["ranks"][rank]["rng"])
+        else:  # new ranks: a fresh, distinct stream (only dropout draws from it)
+            torch.manual_seed(cfg.seed + 1000 * step + rank)
 
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=run_id,
                       run_name=cfg.tracking.run_name or out.name, active=rank == 0,
-                      fallback=out / "mlflow-unsent.jsonl")
+                      fallback=out / "mlflow-unsent.jsonl", flush_every=cfg.tracking.flush_every,
+                      close_timeout=cfg.tracking.close_timeout)
     metrics_file = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -124,12 +147,17 @@ def train(cfg: Config) -> dict:
                           "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
                           "parameters": n_params, "modality": codec.modality, "data": str(shards.dir),
                           "nodes": os.environ.get("SLURM_JOB_NODELIST", os.uname().nodename),
-                          "tokenizer_sha256": shards.manifest["codec"].get("tokenizer_sha256", "")})
-        LOG.info("model %s: %.2fM parameters, shape %s, vocab %d; %d ranks, ZeRO-%d, %s; MLflow run %s",
-                 cfg.model["name"], n_params / 1e6, shape, codec.vocab_size, world, cfg.train.zero_stage,
+                          "tokenizer_sha256": shards.manifest["codec"].get("tokenizer_sha256", ""),
+                          "manifest_sha256": hashlib.sha256((shards.dir / "manifest.json").read_bytes()).hexdigest(),
+                          "codec": json.dumps(shards.manifest["codec"]), "deepspeed_config": json.dumps(ds_config),
+                          **model.summary()})
+        LOG.info("model %s: %.2fM parameters, shape %s, vocab %d%s; %d ranks, ZeRO-%d, %s; MLflow run %s",
+                 cfg.model["name"], n_params / 1e6, shape, codec.vocab_size,
+                 "".join(f", {k} {v}" for k, v in model.summary().items()), world, cfg.train.zero_stage,
                  cfg.train.precision, tracker.run_id)
 
     tokens_per_step = cfg.data.batch_size * model.num_vars * cfg.train.grad_accum * world
+    peak = gpu_peak_flops(cfg.train.precision)
     shared = {"run_id": tracker.run_id, "model": cfg.model, "vocab_size": codec.vocab_size,
               "shape": list(shape), "data": str(shards.dir), "config": cfg.model_dump()}
 
@@ -183,6 +211,8 @@ def train(cfg: Config) -> dict:
                        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "train/tokens_per_s": window_steps * tokens_per_step / elapsed,
                        "train/samples_per_s": window_steps * tokens_per_step / model.num_vars / elapsed}
+            if peak:  # model FLOPs utilisation, GPUs only
+                metrics["train/mfu"] = metrics["train/tokens_per_s"] * model.train_flops_per_variable() / (peak * world)
             tracker.log_metrics(metrics, step)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
             window_start, window_steps = time.perf_counter(), 0
@@ -200,8 +230,11 @@ def train(cfg: Config) -> dict:
             break
     bar.close()
     if stopped:
-        tracker.flush()
         tracker.close("KILLED")
+        marker = os.environ.get("ARPIPE_PREEMPT_MARKER")  # set by launch/slurm/train*.sbatch
+        if marker and rank == 0:
+            Path(marker).write_text(f"{step}\n")
+        dist.barrier()  # leave together: an early exit would make srun kill the others
         return {"step": step, "stopped": True}
 
     if checkpoints.latest() != f"step_{step:08d}":

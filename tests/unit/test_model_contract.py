@@ -13,7 +13,19 @@ from pipeline.models import build_model
 # (model config, vocab, shape): a tiny member of every family.
 FAMILIES = {
     "gpt": ({"name": "gpt", "n_layer": 2, "n_head": 2, "d_model": 16}, 5, (8,)),
+    "wavenet": ({"name": "wavenet", "stacks": 2, "layers_per_stack": 2, "residual_channels": 8, "gate_channels": 8,
+                 "skip_channels": 16}, 5, (8,)),  # receptive field 7: the queues wrap within 8 variables
+    "gru": ({"name": "gru", "n_layer": 2, "d_model": 16}, 5, (8,)),
+    # images (C, H, W): the gated PixelCNN in grey and colour (R→G→B masks), and the plain one
+    "pixelcnn-gated-grey": ({"name": "pixelcnn", "n_layer": 2, "hidden": 6, "head": 6, "first_kernel": 3}, 4, (1, 3, 4)),
+    "pixelcnn-gated-rgb": ({"name": "pixelcnn", "n_layer": 2, "hidden": 6, "head": 6, "first_kernel": 3}, 4, (3, 3, 3)),
+    "pixelcnn-plain-rgb": ({"name": "pixelcnn", "gated": False, "n_layer": 2, "hidden": 6, "head": 6,
+                            "first_kernel": 3}, 4, (3, 3, 3)),
 }
+
+# (vocab, shape) small enough to enumerate every input; sequence models use (3, (4,)).
+ENUMERABLE = {"pixelcnn-gated-grey": (2, (1, 2, 2)), "pixelcnn-gated-rgb": (2, (3, 2, 2)),
+              "pixelcnn-plain-rgb": (2, (3, 2, 2))}
 
 
 def tiny(name, vocab=None, shape=None, seed=0):
@@ -40,10 +52,11 @@ def test_perturbing_a_variable_changes_only_later_conditionals(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_probabilities_over_all_sequences_sum_to_one(name):
-    model = tiny(name, vocab=3, shape=(4,))
-    everything = torch.tensor(list(itertools.product(range(3), repeat=4)))
+    vocab, shape = ENUMERABLE.get(name, (3, (4,)))
+    model = tiny(name, vocab=vocab, shape=shape)
+    everything = torch.tensor(list(itertools.product(range(vocab), repeat=model.num_vars)))
     with torch.no_grad():
-        total = model.log_prob(everything).double().exp().sum().item()
+        total = model.log_prob(model.from_sequence(everything)).double().exp().sum().item()
     assert total == pytest.approx(1.0, abs=1e-5)
 
 

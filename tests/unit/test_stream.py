@@ -36,7 +36,7 @@ def test_resume_sees_exactly_the_uninterrupted_data(text_shards, workers):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # it must survive JSON (the checkpoint)
     resumed = Batches(stream(text_shards, num_workers=workers))
-    resumed.load_state_dict(state)
+    resumed.load_state_dict([state], rank=0)
     for a, b in zip(expected[23:], (next(resumed) for _ in range(37))):
         assert torch.equal(a, b)
 
@@ -89,3 +89,32 @@ def test_eval_blocks_cover_every_token_once_on_any_world_size(text_shards):
                 assert x.shape == mask.shape and x.shape[1] == 32
                 count += int(mask.sum())
         assert count == expected
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2), (2, 3)])
+def test_another_world_size_finishes_the_epoch_without_skipping_chunks(text_shards, old_world, new_world):
+    """A run on old_world ranks stops mid-epoch; a run on new_world ranks continues it: together
+    they read every chunk of the epoch, re-reading at most the partly read windows."""
+    G = 2  # chunks per shuffle window
+    old = [Batches(stream(text_shards, rank=r, world=old_world, shuffle_window=G, batch_size=64))
+           for r in range(old_world)]
+    for batches in old:
+        for _ in range(25):  # ≈ 50k tokens per part: past the first window
+            next(batches)
+    saved = [json.loads(json.dumps(b.state_dict())) for b in old]
+    new = [stream(text_shards, rank=r, world=new_world, shuffle_window=G, batch_size=64) for r in range(new_world)]
+    for r, s in enumerate(new):
+        Batches(s).load_state_dict(saved, rank=r)
+    done = set(new[0].done["chunks"])
+    assert new[0].done["epoch"] == 0 and all(s.done == new[0].done for s in new)
+    remaining = [c for r, s in enumerate(new) for c, _, _ in s._units(0, r, new_world)]
+    n = len(new[0].chunks)
+    assert sorted(remaining + sorted(done)) == list(range(n))  # every chunk once: none skipped, none twice
+    read_before = set()
+    for r, b in enumerate(old):
+        units = b.stream._units(0, r, old_world)
+        window = b.stream.states[0]["window"]
+        read_before.update(c for c, _, _ in units[: window * G])
+        partly = {c for c, _, _ in units[window * G : (window + 1) * G]}
+        assert not partly & done  # a partly read window is read again
+    assert done == read_before and done

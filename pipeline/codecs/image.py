@@ -1,0 +1,292 @@
+"""Image codec: sub-pixels quantised to `levels` values, one token each, in a chosen ordering.
+
+An item is one image of C×H×W sub-pixels (C = 1 grey or 3 RGB), so `sequence_length()` is
+C·H·W and a model sees shape (C, H, W). Tokens are stored in the ordering (see ordering.py):
+a 1-D model (GPT, GRU) reads them as they come, PixelCNN needs the raster ordering.
+
+Inputs, by file type:
+  PNG, JPEG, … (files or an image folder)  one image each, decoded by Pillow
+  parquet (e.g. an HF imagefolder pushed  one image per row of --image-field, read with
+    to parquet)                           decode=False and decoded here, so one bad row is a
+                                          counted skip, not a failed file
+  .npz / .npy / IDX (*-idx3-ubyte[.gz])   one image per row of an (N, H, W[, C]) array:
+                                          MNIST, Fashion-MNIST, scikit-learn's digits
+Every image is converted to grey or RGB, scaled and centre-cropped to H×W (Pillow's
+ImageOps.fit), and 0–255 is quantised to levels L by floor(v·L/256) (L = 2 binarises at 128).
+Samples go back with level·255/(L−1), so L = 256 round-trips exactly.
+"""
+
+import gzip
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import ArpipeError
+from pipeline.codecs import Codec
+from pipeline.codecs.ordering import ORDERINGS, inverse, permutation
+from pipeline.data.sources import Record
+
+ARRAY_SUFFIXES = (".npz", ".npy")
+IDX = re.compile(r"idx\d-ubyte(\.gz)?$|\.idx(\.gz)?$")
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+class ImageCodec(Codec):
+    modality = "image"
+    help = "images (PNG/JPEG files or folders, parquet image columns, IDX/npz/npy arrays) as quantised sub-pixels"
+    stream_mode = "item"
+    unit = "dim"
+
+    def __init__(self, height: int, width: int, channels: int, levels: int, ordering: str = "raster"):
+        if channels not in (1, 3):
+            raise ArpipeError(f"channels must be 1 (grey) or 3 (RGB), not {channels}")
+        if not 2 <= levels <= 256:
+            raise ArpipeError(f"levels must be in 2..256, not {levels}")
+        if height < 1 or width < 1:
+            raise ArpipeError(f"image size {height}x{width} is empty")
+        self.height, self.width, self.channels, self.levels = height, width, channels, levels
+        self.ordering = ordering
+        self.vocab_size = levels
+        self.perm = permutation(ordering, channels, height, width)  # raises for an unknown ordering
+        self.inv = inverse(self.perm)
+
+    # --- the shard stage's command line
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        parser.description = ("Shard images: PNG/JPEG files or folders, parquet image columns, and IDX/npz/npy "
+                              "arrays of shape (N, H, W[, C]). Undecodable images are counted and skipped.")
+        parser.add_argument("--size", type=parse_size, metavar="HxW",
+                            help="scale and centre-crop every image to HxW (default: the first image's size)")
+        parser.add_argument("--channels", type=int, choices=(1, 3),
+                            help="1 = grey, 3 = RGB (default: the first image's)")
+        parser.add_argument("--levels", type=int, default=256, metavar="L",
+                            help="quantise 0-255 to L values, the vocabulary (2 binarises; default 256)")
+        parser.add_argument("--ordering", choices=ORDERINGS, default="raster",
+                            help="the order of pixels in a token row (default raster; PixelCNN needs raster)")
+        parser.add_argument("--image-field", default="image", help="parquet column holding the images (default image)")
+        parser.add_argument("--array-key", help="the .npz array to read (default: the only 3-D or 4-D one)")
+
+    @classmethod
+    def shard_settings(cls, args) -> dict:
+        if not 2 <= args.levels <= 256:
+            raise ArpipeError(f"--levels must be in 2..256, not {args.levels}")
+        return {"size": args.size, "channels": args.channels, "levels": args.levels, "ordering": args.ordering,
+                "image_field": args.image_field, "array_key": args.array_key}
+
+    @classmethod
+    def maker(cls, settings: dict, args):
+        def make(inputs: list[Path], root: Path, out: Path) -> "ImageCodec":
+            size, channels = settings["size"], settings["channels"]
+            if size is None or channels is None:  # take what is missing from the first readable image
+                h, w, c = first_image_shape(inputs, root, settings)
+                size, channels = size or [h, w], channels or c
+            return cls(size[0], size[1], channels, settings["levels"], settings["ordering"])
+
+        return make
+
+    @classmethod
+    def from_config(cls, config: dict, root: Path) -> "ImageCodec":
+        return cls(config["height"], config["width"], config["channels"], config["levels"], config["ordering"])
+
+    def config(self) -> dict:
+        return {"modality": self.modality, "vocab_size": self.vocab_size, "height": self.height,
+                "width": self.width, "channels": self.channels, "levels": self.levels, "ordering": self.ordering}
+
+    # --- shapes
+    def sequence_length(self, block_len: int) -> int:
+        return self.channels * self.height * self.width
+
+    def model_shape(self, block_len: int) -> tuple[int, ...]:
+        return (self.channels, self.height, self.width)
+
+    @property
+    def default_prompt_len(self) -> int:
+        return self.sequence_length(0) // 2  # the top half in raster order, the first half of any ordering
+
+    # --- records and tokens
+    def read_records(self, path: Path, root: Path, settings: dict):
+        return read_images(path, root, settings["image_field"], settings["array_key"])
+
+    def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
+        # "size" is the source image's [height, width], before scaling and cropping
+        return [(self.tokens(self.pixels(r.value)), {"key": r.key, "size": list(source_shape(r.value)[:2])})
+                for r in records]
+
+    def pixels(self, value) -> np.ndarray:
+        """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""
+        from PIL import Image, ImageOps
+
+        if isinstance(value, np.ndarray):
+            value = Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value)
+        image = value.convert("L" if self.channels == 1 else "RGB")
+        if image.size != (self.width, self.height):
+            image = ImageOps.fit(image, (self.width, self.height), method=Image.Resampling.LANCZOS)
+        return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, self.channels)
+
+    def tokens(self, pixels: np.ndarray) -> np.ndarray:
+        """(H, W, C) uint8 -> the quantised sub-pixels in the ordering."""
+        levels = (pixels.astype(np.uint16) * self.levels) >> 8
+        return levels.reshape(-1)[self.perm].astype(self.token_dtype)
+
+    def to_pixels(self, rows: np.ndarray) -> np.ndarray:
+        """Token rows (n, D) in the ordering -> uint8 images (n, H, W, C), de-quantised."""
+        levels = np.asarray(rows, dtype=np.int64)[:, self.inv].clip(0, self.levels - 1)
+        values = np.rint(levels * 255 / (self.levels - 1)).astype(np.uint8)
+        return values.reshape(-1, self.height, self.width, self.channels)
+
+    def write_samples(self, rows, directory: Path, name: str, prefix_len: int = 0) -> list[Path]:
+        """One PNG grid. For completions a red line marks the edge of the given region (the
+        pixels whose sub-pixels were all given): under snake or Hilbert orderings that region is
+        not a simple top half, and the line shows it without tinting the image itself."""
+        from PIL import Image
+
+        images = self.to_pixels(rows)
+        if self.channels == 1:
+            images = np.repeat(images, 3, axis=-1)
+        given = np.zeros(self.height * self.width * self.channels, dtype=bool)
+        given[self.perm[:prefix_len]] = True
+        given = given.reshape(self.height, self.width, self.channels).all(-1)
+        scale = max(1, 64 // max(self.height, self.width))  # 8×8 digits become visible
+        images = images.repeat(scale, 1).repeat(scale, 2)
+        if prefix_len:
+            images[:, edge(given.repeat(scale, 0).repeat(scale, 1))] = (255, 0, 0)
+        n = len(images)
+        cols = int(np.ceil(np.sqrt(n)))
+        rows_n = int(np.ceil(n / cols))
+        h, w, pad = images.shape[1], images.shape[2], 2
+        grid = np.full((rows_n * (h + pad) + pad, cols * (w + pad) + pad, 3), 128, dtype=np.uint8)
+        for i, image in enumerate(images):
+            y, x = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+            grid[y : y + h, x : x + w] = image
+        path = Path(directory) / f"{name}.png"
+        Image.fromarray(grid).save(path)
+        return [path]
+
+
+def edge(mask: np.ndarray) -> np.ndarray:
+    """Cells of `mask` next to a cell outside it (4-neighbourhood; the image border is not an edge)."""
+    padded = np.pad(mask, 1, constant_values=True)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def parse_size(value: str) -> list[int]:
+    """'28x28' or '32' -> [height, width]."""
+    import argparse
+
+    match = re.fullmatch(r"(\d+)(?:[xX](\d+))?", value.strip())
+    if not match or int(match[1]) < 1 or (match[2] and int(match[2]) < 1):
+        raise argparse.ArgumentTypeError(f"expected HxW such as 28x28, got {value!r}")
+    return [int(match[1]), int(match[2] or match[1])]
+
+
+# --- readers: one Record per image; a file that cannot be read raises (shards.run_task records it)
+def read_images(path: Path, root: Path, image_field: str = "image", array_key: str | None = None):
+    name = str(path.relative_to(root))
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
+        for index, image in enumerate(image_rows(load_array(path, array_key))):
+            yield Record(f"{name}:{index}", image)
+    elif suffix == ".parquet":
+        yield from read_parquet(path, name, image_field)
+    else:
+        yield Record(f"{name}:0", decode_image(path.read_bytes()))
+
+
+def decode_image(data: bytes):
+    """A fully decoded Pillow image (truncated or corrupt data raise here, not later)."""
+    from PIL import Image, ImageOps
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return ImageOps.exif_transpose(image)  # camera JPEGs: the orientation the viewer shows
+
+
+def read_parquet(path: Path, name: str, field: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # arpipe never downloads (see sources.read_text)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
+    if rows.features is not None and field not in rows.features:
+        raise ValueError(f"no {field!r} column (columns: {sorted(rows.features)})")
+    rows = rows.cast_column(field, datasets.Image(decode=False))  # we decode, so a bad row is one skip
+    for index, row in enumerate(rows):
+        key, cell = f"{name}:{index}", row[field]
+        try:
+            data = cell["bytes"] if cell["bytes"] is not None else (path.parent / cell["path"]).read_bytes()
+            yield Record(key, decode_image(data))
+        except Exception:  # Pillow raises several types for bad data
+            yield Record(key, skip="undecodable image")
+
+
+def load_array(path: Path, key: str | None) -> np.ndarray:
+    """The image array of an .npz / .npy / IDX file."""
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if key is None:
+                candidates = [k for k in archive.files if archive[k].ndim in (3, 4)]
+                if len(candidates) != 1:
+                    raise ValueError(f"pass --array-key: {len(candidates)} 3-D/4-D arrays among {archive.files}")
+                key = candidates[0]
+            if key not in archive.files:
+                raise ValueError(f"no array {key!r} (arrays: {archive.files})")
+            return archive[key]
+    return read_idx(path)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """The IDX format of (Fashion-)MNIST: 2 zero bytes, a dtype code, ndim, big-endian int32 dims, data."""
+    data = (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+        raise ValueError("not an IDX file")
+    ndim = data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, 4))
+    array = np.frombuffer(data, IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
+    if array.size != np.prod(dims):
+        raise ValueError(f"IDX data holds {array.size} values, its header says {dims}")
+    return array.reshape(dims)
+
+
+def image_rows(array: np.ndarray):
+    """uint8 images (H, W[, C]) from an (N, H, W) or channels-last (N, H, W, C) array whose values
+    are 0–255 (any integer or bool type) or 0–1 (floats)."""
+    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3, 4)):
+        raise ValueError(f"expected images (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got shape {array.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise ValueError(f"float images must lie in [0, 1], found [{array.min()}, {array.max()}]")
+        array = np.rint(array * 255).astype(np.uint8)
+    elif array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"integer images must lie in 0..255, found {array.min()}..{array.max()}")
+    array = array.astype(np.uint8, copy=False)
+    yield from array
+
+
+def source_shape(value) -> tuple[int, int, int]:
+    """(height, width, channels) of a record's image as read: grey (1) or colour (3)."""
+    if isinstance(value, np.ndarray):
+        return value.shape[0], value.shape[1], 1 if value.ndim == 2 or value.shape[2] == 1 else 3
+    return value.height, value.width, 1 if value.mode in GREY_MODES else 3
+
+
+def first_image_shape(inputs: list[Path], root: Path, settings: dict) -> tuple[int, int, int]:
+    """(height, width, channels) of the first readable image, for --size/--channels defaults."""
+    for path in inputs:
+        try:
+            for record in read_images(path, root, settings["image_field"], settings["array_key"]):
+                if record.skip is None:
+                    return source_shape(record.value)
+        except Exception:  # unreadable: the shard task reports it; look at the next input
+            continue
+    raise ArpipeError("no readable image among the inputs to take the size and channels from; "
+                      "pass --size and --channels")
