@@ -34,8 +34,8 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
             break
         if x is None:  # this rank is done, others are not
             x, mask = torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, dtype=torch.bool)
-        nll = model.token_nll(model.from_sequence(x.to(device))).double()
-        mask = mask.to(device)
+        nll = model.token_nll(model.from_data(x.to(device))).double()  # in the model's ordering
+        mask = model.to_sequence(model.from_data(mask.to(device)))
         total += torch.stack([(nll * mask).sum(), mask.sum().double()])
     if distributed:
         dist.all_reduce(total)

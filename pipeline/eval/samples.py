@@ -30,13 +30,13 @@ def write_samples(model, codec, prompts: list[np.ndarray], directory: Path, *, s
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     files = []
     if samples:
-        rows = model.to_sequence(model.sample(samples, temperature=temperature, top_k=top_k, generator=generator))
+        rows = model.to_data(model.sample(samples, temperature=temperature, top_k=top_k, generator=generator))
         files += codec.write_samples(rows.cpu().numpy(), directory, "samples")
     if prompts:
         length = min(len(p) for p in prompts)
         prefix = torch.from_numpy(np.stack([p[:length] for p in prompts]))
-        rows = model.to_sequence(model.sample(len(prompts), prefix=prefix, temperature=temperature, top_k=top_k,
-                                              generator=generator))
+        rows = model.to_data(model.sample(len(prompts), prefix=prefix, temperature=temperature, top_k=top_k,
+                                          generator=generator))
         files += codec.write_samples(rows.cpu().numpy(), directory, "completions", prefix_len=length)
     return files
 
@@ -58,7 +58,7 @@ def sample_text(model_path: str, n: int, prompt: str | None, temperature: float,
     if prefix is not None and prefix.shape[1] >= model.num_vars:
         raise ArpipeError(f"--prompt is {prefix.shape[1]} tokens; the model generates {model.num_vars} "
                           f"in all, so a prompt must be shorter")
-    rows = model.to_sequence(model.sample(n, prefix=prefix, temperature=temperature, top_k=top_k, generator=generator))
+    rows = model.to_data(model.sample(n, prefix=prefix, temperature=temperature, top_k=top_k, generator=generator))
     directory = Path(out or tempfile.mkdtemp(prefix="arpipe-samples-"))
     directory.mkdir(parents=True, exist_ok=True)
     return codec.write_samples(rows.numpy(), directory, "samples", prefix_len=0 if prefix is None else prefix.shape[1])

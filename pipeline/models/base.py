@@ -65,6 +65,17 @@ class ARModel(nn.Module):
     def from_sequence(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], *self.shape, *t.shape[2:])
 
+    # Data rows (batch, D) arrive in the shards' ordering. Models that take that ordering as
+    # theirs (GPT, GRU, WaveNet, and PixelCNN on raster shards) read them as their sequence;
+    # a model that orders variables itself (MADE) reads them as a layout and overrides both.
+    def from_data(self, rows: torch.Tensor) -> torch.Tensor:
+        """Data rows -> model input (batch, *shape)."""
+        return self.from_sequence(rows)
+
+    def to_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input (batch, *shape) -> data rows in the shards' ordering (for rendering)."""
+        return self.to_sequence(x)
+
     # Incremental interface; defaults recompute everything (slow, obviously correct).
     def start(self, n: int) -> tuple[dict, torch.Tensor]:
         """A fresh cache for n sequences and the logits (n, vocab) for variable 0."""

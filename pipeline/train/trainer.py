@@ -174,8 +174,9 @@ def train(cfg: Config) -> dict:
         loss_sum, stop_flag, micro = 0.0, 0.0, 0
         while micro < cfg.train.grad_accum:
             x = next(batches).to(engine.device, non_blocking=True)  # (batch, variables in the data's ordering)
-            logits = model.to_sequence(engine(model.from_sequence(x)))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+            inputs = model.from_data(x)
+            logits = model.to_sequence(engine(inputs))  # (batch, variables in the model's ordering, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), model.to_sequence(inputs).flatten())
             if batches.consumed in cfg.train.inject_nonfinite:
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
