@@ -241,7 +241,8 @@ def run_task(out: Path, task: int) -> dict:
                 if len(batch) >= 256:
                     flush()
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
-            skipped_files.append({"input": str(path.relative_to(plan.root)), "reason": f"{type(e).__name__}: {e}"[:500]})
+            reason = "empty file" if _size(path) == 0 and os.path.isfile(path) else f"{type(e).__name__}: {e}"
+            skipped_files.append({"input": str(path.relative_to(plan.root)), "reason": reason[:500]})
         flush()
         if _progress is not None:
             with _progress.get_lock():
