@@ -40,6 +40,7 @@ class TrainConfig(Section):
     grad_accum: int = 1
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile()); for GPUs
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3  # checkpoints kept on disk

@@ -149,7 +149,7 @@ class Plan:
     def load(cls, out: Path) -> "Plan":
         return cls(out, json.loads((out / "plan.json").read_text()))
 
-    inputs = property(lambda self: [Path(p) for p in self.data["inputs"]])
+    inputs = cached_property(lambda self: [Path(p) for p in self.data["inputs"]])
     root = property(lambda self: Path(self.data["root"]))
     num_tasks = property(lambda self: self.data["num_tasks"])
 

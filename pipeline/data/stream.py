@@ -33,15 +33,16 @@ from pipeline.data.shards import Shards
 def pack_items(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, eos: int) -> np.ndarray:
     """tokens[starts[i] : starts[i]+lengths[i]] for each i, each followed by eos, concatenated.
     Vectorised: items may be tiny (lines) and numerous."""
-    sizes = lengths + 1
-    out_starts = np.cumsum(sizes) - sizes
-    total = int(sizes.sum())
-    within = np.arange(total) - np.repeat(out_starts, sizes)
-    source = np.repeat(starts, sizes) + within
-    is_eos = within == np.repeat(lengths, sizes)
-    source[is_eos] = 0
-    out = tokens[source] if len(tokens) else np.zeros(total, dtype=tokens.dtype)
-    out[is_eos] = eos
+    ends = np.cumsum(lengths + 1)  # one past each item's EOS in the output
+    total = int(ends[-1]) if len(ends) else 0
+    # The source index of every output position is a cumulative sum: +1 along an item, a jump
+    # to the next item's start after each EOS (EOS slots read a clipped index, then get eos).
+    step = np.ones(total, dtype=np.int64)
+    step[ends[:-1]] = starts[1:] - (starts[:-1] + lengths[:-1])
+    if total:
+        step[0] = starts[0]
+    out = np.take(tokens, np.cumsum(step, out=step), mode="clip") if len(tokens) else np.zeros(total, tokens.dtype)
+    out[ends - 1] = eos
     return out
 
 
@@ -50,8 +51,11 @@ def initial_state() -> dict:
 
 
 def gather_rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
-    """Rows tokens[s : s+length] for each start s, as one (len(starts), length) array."""
-    return tokens[starts[:, None] + np.arange(length)] if len(starts) else np.zeros((0, length), tokens.dtype)
+    """Rows tokens[s : s+length] for each start s, as one (len(starts), length) array: one row
+    copy each from a strided view (an index per token would cost 10× more)."""
+    if not len(starts):
+        return np.zeros((0, length), tokens.dtype)
+    return np.lib.stride_tricks.sliding_window_view(tokens, length)[starts]
 
 
 class TokenStream(IterableDataset):
@@ -174,6 +178,10 @@ class TokenStream(IterableDataset):
             yield torch.from_numpy(np.stack(rows).astype(np.int64)), worker, state
 
 
+def as_is(item):
+    return item
+
+
 class Batches:
     """The training iterator: batches of a TokenStream through a DataLoader, with exact resume.
 
@@ -207,8 +215,10 @@ class Batches:
     def __next__(self) -> torch.Tensor:
         if self._iter is None:
             workers = self.stream.num_workers if self.stream.num_workers > 1 else 0
+            # collate_fn: the items are ready; DataLoader's default_convert would walk every
+            # int of each state's carry list (up to block_len of them), most of the stream's time
             self._iter = iter(DataLoader(self.stream, batch_size=None, num_workers=workers,
-                                         persistent_workers=workers > 0))
+                                         persistent_workers=workers > 0, collate_fn=as_is))
         batch, worker, state = next(self._iter)
         self.stream.states[worker] = state
         self.consumed += 1

@@ -75,7 +75,8 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, self.pad), self.weight * self.mask, self.bias)
+        # the mask is a buffer that DeepSpeed's bf16 leaves in float32: multiply in the weight's type
+        return F.conv2d(F.pad(x, self.pad), self.weight * self.mask.to(self.weight.dtype), self.bias)
 
 
 def square(in_ch, out_ch, k, colours, mask_type, out_blocks=1) -> MaskedConv2d:
@@ -149,8 +150,8 @@ class PixelCNN(ARModel):
         # from_sequence gives channels-last strides (ambiguous ones when C = 1, which .contiguous()
         # keeps), and convolutions and activations round differently per memory format: the same
         # pixels would get logits that differ in the last bit. A fresh standard layout avoids it.
-        u = x.to(torch.float32, memory_format=torch.contiguous_format)
-        return self.logits(u * (2 / (self.vocab_size - 1)) - 1)
+        u = x.to(torch.float32, memory_format=torch.contiguous_format) * (2 / (self.vocab_size - 1)) - 1
+        return self.logits(u.to(self.head[-1].weight.dtype))  # bfloat16 when DeepSpeed trains in bf16
 
     def logits(self, u: torch.Tensor) -> torch.Tensor:
         """Logits (B, C, H, W, vocab) from the scaled input u (B, C, H, W); differentiable in u,

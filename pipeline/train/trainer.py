@@ -100,8 +100,10 @@ def train(cfg: Config) -> dict:
     model = build_model(cfg.model, codec.vocab_size, shape)
     check_ordering(model, shards.manifest["codec"], shards.dir)
     n_params = sum(p.numel() for p in model.parameters())
+    # torch's AdamW (no JIT build, bitwise resume); the fused CUDA kernel on GPUs, where the
+    # per-tensor loop made the optimizer step dominate a 124M GPT's step (benchmarks/RESULTS.md)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
+                                  betas=cfg.optim.betas, eps=cfg.optim.eps, fused=torch.cuda.is_available() or None)
     ds_config = deepspeed_config(cfg, world)
     out = Path(cfg.out_dir)
     checkpoints = Checkpoints(out / "checkpoints", rank, cfg.train.keep_last)
@@ -114,6 +116,8 @@ def train(cfg: Config) -> dict:
         model=model, optimizer=optimizer, config=ds_config,
         # the schedule is a pure function of the step; LambdaLR keeps it in DeepSpeed's checkpoint
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.optim.lr))
+    if cfg.train.compile:  # the first steps compile the forward and backward graphs
+        engine.compile()
 
     batches = Batches(TokenStream(shards, "train", cfg.data.block_len, cfg.data.batch_size, seed=cfg.seed,
                                   rank=rank, world=world, num_workers=cfg.data.num_workers,

@@ -136,3 +136,27 @@ def test_manifest_paths_outside_the_directory_are_refused(tmp_path, text_shards)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArpipeError, match="refusing shard path"):
         Shards(copy)
+
+
+@pytest.mark.parametrize("sample_by", ["document", "paragraph", "line"])
+def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
+    """Plain files are read directly (fast); `datasets`' text builder is the reference."""
+    import datasets
+
+    from pipeline.data.sources import plain_text_documents
+
+    cases = {
+        "crlf.txt": b"one\r\ntwo\r\n\r\nthree\r\n",
+        "blank-lines.txt": b"\n\na\n\n\n\nb\n\n",
+        "no-newline.txt": b"last line without newline",
+        "latin1.txt": "caf\xe9\n\nna\xefve".encode("latin-1"),
+        "long.txt": ("word " * 50 + "\n\n" + "line\n" * 30).encode() * 40,
+        "empty.txt": b"",
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        reference = [r["text"] for r in datasets.load_dataset(
+            "text", data_files=[str(path)], split="train", streaming=True, sample_by=sample_by,
+            encoding_errors="replace")]
+        assert list(plain_text_documents(path, sample_by, chunk=64)) == reference, name
