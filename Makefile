@@ -13,6 +13,6 @@ demo: $(STAMP)
 	$(VENV)/bin/arpipe demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
 
 .PHONY: demo test

@@ -136,6 +136,7 @@ def shard(args) -> None:
 def run(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     from pipeline.log import setup_logging
+    from pipeline.train.dist import leave_together
 
     setup_logging()
     if args.command == "shard":
@@ -145,6 +146,7 @@ def run(argv: list[str]) -> None:
         from pipeline.train.trainer import train
 
         stopped = train(load_config(args.config, args.overrides)).get("stopped")
+        leave_together()
         # under a job script (which requeues) every rank exits 0, else srun would kill the slower ones
         if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER"):
             sys.exit(PREEMPTED)
@@ -155,6 +157,7 @@ def run(argv: list[str]) -> None:
                  prompts=args.prompts, prompt_len=args.prompt_len, temperature=args.temperature,
                  top_k=args.top_k, seed=args.seed, new_run=args.new_run, tracking_uri=args.tracking_uri,
                  out=args.out)
+        leave_together()
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text
 

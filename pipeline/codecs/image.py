@@ -138,13 +138,22 @@ class ImageCodec(Codec):
         values = np.rint(levels * 255 / (self.levels - 1)).astype(np.uint8)
         return values.reshape(-1, self.height, self.width, self.channels)
 
-    def write_samples(self, rows, directory: Path, name: str, prefix_len: int = 0) -> list[Path]:
-        """One PNG grid. For completions a red line marks the edge of the given region (the
-        pixels whose sub-pixels were all given): under snake or Hilbert orderings that region is
-        not a simple top half, and the line shows it without tinting the image itself."""
+    def write_samples(self, rows, directory: Path, name: str, prefix_len: int = 0,
+                      given: np.ndarray | None = None) -> list[Path]:
+        """One PNG grid. For completions given the first prefix_len variables a red line marks
+        the edge of the given region (the pixels whose sub-pixels were all given): under snake or
+        Hilbert orderings that region is not a simple top half, and the line shows it without
+        tinting the image itself. `given`, a (D,) bool over the rows' positions, is for a model
+        with its own ordering (MADE), whose given variables may lie anywhere: each completion is
+        then followed by a map of exactly those sub-pixels (full intensity: given; black: sampled)."""
         from PIL import Image
 
         images = self.to_pixels(rows)
+        pair = 1
+        if given is not None:
+            given_map = self.to_pixels(np.asarray(given, dtype=np.int64)[None] * (self.levels - 1))[0]
+            images = np.stack([image for completion in images for image in (completion, given_map)])
+            pair = 2  # a completion and its map side by side
         if self.channels == 1:
             images = np.repeat(images, 3, axis=-1)
         given = np.zeros(self.height * self.width * self.channels, dtype=bool)
@@ -155,7 +164,7 @@ class ImageCodec(Codec):
         if prefix_len:
             images[:, edge(given.repeat(scale, 0).repeat(scale, 1))] = (255, 0, 0)
         n = len(images)
-        cols = int(np.ceil(np.sqrt(n)))
+        cols = pair * int(np.ceil(np.sqrt(n / pair)))
         rows_n = int(np.ceil(n / cols))
         h, w, pad = images.shape[1], images.shape[2], 2
         grid = np.full((rows_n * (h + pad) + pad, cols * (w + pad) + pad, 3), 128, dtype=np.uint8)

@@ -5,6 +5,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from pipeline import ArpipeError
 from pipeline.data.shards import Shards
 from pipeline.data.stream import eval_blocks, split_bytes
 
@@ -18,11 +19,17 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
     Text items are scored with their EOS token (the model also says where text ends). Sums are
     float64 and all-reduced. Ranks step in lockstep, padding with empty batches, because a
     ZeRO-3 forward pass is a collective."""
+    if model.orders_variables and shards.codec.stream_mode != "item":
+        # Packed or cropped blocks end padded. In its own ordering a padded row's real variables
+        # condition on the padding, and a mixture's NLL is one total per row (models/made.py):
+        # no exact number exists. Checked before any collective, so every rank stops alike.
+        raise ArpipeError(f"{type(model).__name__} orders the variables itself, so eval scores it on whole "
+                          f"fixed-length items only (images), not on {shards.codec.modality} blocks")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     distributed = dist.is_available() and dist.is_initialized() and world > 1
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # nats, variables
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # nats, variables, rows
     batches = eval_blocks(shards, split, block_len, batch_size, rank=rank, world=world, max_chunks=max_chunks)
     T = shards.codec.sequence_length(block_len)
     while True:
@@ -36,7 +43,7 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
             x, mask = torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, dtype=torch.bool)
         nll = model.token_nll(model.from_data(x.to(device))).double()  # in the model's ordering
         mask = model.to_sequence(model.from_data(mask.to(device)))
-        total += torch.stack([(nll * mask).sum(), mask.sum().double()])
+        total += torch.stack([(nll * mask).sum(), mask.sum().double(), mask.any(1).sum().double()])
     if distributed:
         dist.all_reduce(total)
     model.train(was_training)
@@ -44,6 +51,9 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
     unit = shards.codec.unit
     result = {"nats": nats, unit + "s": count, f"nats_per_{unit}": nats / max(count, 1),
               f"bits_per_{unit}": nats / max(count, 1) / math.log(2)}
+    if shards.codec.stream_mode == "item":  # a row is a whole item (an image): the papers' nats per image
+        items = int(total[2].item())
+        result.update(items=items, nats_per_item=nats / max(items, 1))
     text_bytes = split_bytes(shards, split, max_chunks)
     if text_bytes:
         result.update(bytes=text_bytes, bits_per_byte=nats / math.log(2) / text_bytes)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from pipeline import ArpipeError
 from pipeline.data.shards import Shards
 from pipeline.eval.nll import evaluate_nll, headline
-from pipeline.eval.samples import validation_prompts, write_samples
+from pipeline.eval.samples import validation_items, write_samples
 from pipeline.export import load_any
 from pipeline.log import LOG, setup_logging
 from pipeline.models import check_ordering
@@ -48,9 +48,10 @@ def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int 
                           run_name=None if run_id else f"eval-{Path(model_path).name}")
         tracker.log_metrics({f"{split}/{k}": v for k, v in headline(result).items()}, step)
         with tempfile.TemporaryDirectory() as tmp:
-            starts = validation_prompts(shards, split, prompts, prompt_len or codec.default_prompt_len)
-            files = write_samples(model, codec, starts, Path(tmp),
-                                  samples=samples, temperature=temperature, top_k=top_k, seed=seed)
+            length = prompt_len or codec.default_prompt_len
+            files = write_samples(model, codec, validation_items(shards, split, prompts, length), Path(tmp),
+                                  samples=samples, temperature=temperature, top_k=top_k, seed=seed,
+                                  prompt_len=length)
             for path in files:
                 tracker.log_artifact(path, f"samples/{split}-step{step:08d}")
                 if path.suffix == ".txt":

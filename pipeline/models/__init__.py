@@ -4,12 +4,16 @@ from pydantic import ValidationError
 
 from pipeline import ArpipeError
 from pipeline.models.base import ARModel
+from pipeline.models.fvsbn import FVSBN
 from pipeline.models.gpt import GPT
+from pipeline.models.made import MADE
+from pipeline.models.nade import NADE
 from pipeline.models.pixelcnn import PixelCNN
 from pipeline.models.rnn import GRU
 from pipeline.models.wavenet import WaveNet
 
-MODELS: dict[str, type[ARModel]] = {"gpt": GPT, "wavenet": WaveNet, "gru": GRU, "pixelcnn": PixelCNN}
+MODELS: dict[str, type[ARModel]] = {"gpt": GPT, "wavenet": WaveNet, "gru": GRU, "pixelcnn": PixelCNN,
+                                    "fvsbn": FVSBN, "nade": NADE, "made": MADE}
 
 
 def model_config(cfg: dict):
@@ -32,9 +36,17 @@ def build_model(cfg: dict, vocab_size: int, shape: tuple[int, ...]) -> ARModel:
 
 
 def check_ordering(model: ARModel, codec_config: dict, data) -> None:
-    """Refuse data whose ordering is not the one a model's architecture implements."""
+    """Refuse data whose ordering is not the one a model's architecture implements, and data
+    without fixed-length items for a model that orders the variables itself."""
     ordering = codec_config.get("ordering")
     if model.required_ordering and ordering != model.required_ordering:
         raise ArpipeError(f"{type(model).__name__} needs {model.required_ordering}-ordered data, but {data} holds "
                           f"{ordering or 'unordered'} data; reshard with --ordering {model.required_ordering} "
                           f"or train a 1-D model (gpt, gru)")
+    if model.orders_variables:
+        from pipeline.codecs import codec_classes
+
+        codec = codec_classes().get(codec_config.get("modality"))
+        if codec is None or codec.stream_mode != "item":  # packed/cropped blocks: see eval/nll.py
+            raise ArpipeError(f"{type(model).__name__} orders the variables itself and needs fixed-length items "
+                              f"(images), but {data} holds {codec_config.get('modality')} data")

@@ -26,6 +26,10 @@ class ARModel(nn.Module):
     # The data ordering a model's architecture implements (PixelCNN: "raster"); None means the
     # model takes its variables in whatever ordering the data has (GPT, GRU).
     required_ordering: str | None = None
+    # True for a model that orders its variables itself (MADE): to_sequence/from_sequence apply
+    # its ordering, so the data's first P variables are not its first P (see completions in
+    # eval/samples.py) and a row padded at the end has no exact likelihood (eval/nll.py).
+    orders_variables: bool = False
 
     def __init__(self, vocab_size: int, shape: tuple[int, ...]):
         super().__init__()

@@ -64,5 +64,15 @@ def rank_env() -> tuple[int, int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
+def leave_together() -> None:
+    """Wait for every rank, then close the process group. A rank that exits while a peer still works
+    (rank 0 logging to MLflow, say) tears down gloo's threads under it and aborts the launch."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     print(*slurm_master())
