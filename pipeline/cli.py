@@ -112,11 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--steps", type=_positive, help="override train.steps of every variant (for a quick try)")
     recipe.add_argument("--variants", nargs="+", help="run only these variants (default: all)")
 
-    demo = sub.add_parser("demo", help="shard -> train (2 DeepSpeed processes) -> eval on a bundled corpus")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    demo = sub.add_parser("demo", help="shard -> train (2 DeepSpeed processes) -> eval on bundled text, audio "
+                                       "and images")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="where shards and runs go (default: %(default)s)")
+    demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
+                      help="the text leg's config; the other legs' (demo-audio.yaml, demo-image.yaml) are "
+                           "read from its folder (default: %(default)s)")
     demo.add_argument("--steps", type=int, help="override train.steps of every leg (for a quick try)")
-    demo.add_argument("--legs", nargs="+", help="run only these legs (default: all)")
+    demo.add_argument("--legs", nargs="+", choices=["text", "audio", "image"],
+                      help="run only these legs (default: all)")
     return parser
 
 
