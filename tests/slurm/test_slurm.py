@@ -122,6 +122,9 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(tmp_pa
     while time.time() < deadline:
         record = job_records(job)[0]
         if record["JobState"] == "PENDING" and record.get("Restarts") == "1":
+            # slurmd refuses a credential issued in the same second as the requeue revoked the old
+            # one ("Job credential revoked"), so the restart must come at least a second later
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
             break
         time.sleep(0.2)
