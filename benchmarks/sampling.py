@@ -7,7 +7,8 @@ not depend on the weights.
   WaveNet   per-layer activation queues ("Fast WaveNet") vs full recompute, receptive field 1024,
             one receptive field of new samples (target ≥ 20×), at the widths of
             configs/audio-wavenet.yaml (64 residual and gate, 256 skip channels) and of the demo's
-            small model (32, 32, 64)
+            small model (32, 32, 64); and the demo's model itself (2 stacks of 8, receptive field
+            511, 1024 samples; no target, the figure the audio issue asks for)
   PixelCNN  images/s (sampling is a full pass per sub-pixel by design); the demo's model on
             8×8 digits, 1 and 16 images at a time
 
@@ -64,6 +65,14 @@ def main(argv=None):
             rows.append(speedup(f"WaveNet 1 × {layers} layers, {res}/{res}/{skip} channels (receptive field "
                                 f"{wavenet.receptive_field}), fast vs recompute, {2**layers} samples, batch {n}",
                                 wavenet, n, args.repeats, 20, "samples"))
+    # the demo's own model (configs/demo-audio.yaml: 2 stacks of 8, receptive field 511), 1024-sample clips
+    demo_layers = 3 if args.tiny else 8
+    wavenet = model("wavenet", (4 * 2**demo_layers,), 256, stacks=2, layers_per_stack=demo_layers,
+                    residual_channels=32, gate_channels=32, skip_channels=64)
+    for n in (1, 4):
+        rows.append(speedup(f"WaveNet, the demo's model: 2 × {demo_layers} layers, 32/32/64 channels (receptive field "
+                            f"{wavenet.receptive_field}), fast vs recompute, {wavenet.num_vars} samples, batch {n}",
+                            wavenet, n, args.repeats, None, "samples"))
     pixelcnn = model("pixelcnn", (1, 8, 8), 17, n_layer=4 if not args.tiny else 1, hidden=32, kernel=3,
                      first_kernel=5, head=64)
     t = median_times({n: draw(pixelcnn, n, True) for n in (1, 16)}, args.repeats)

@@ -151,10 +151,11 @@ def run(argv: list[str]) -> None:
         from pipeline.train.trainer import train
 
         stopped = train(load_config(args.config, args.overrides)).get("stopped")
-        leave_together()
         # under a job script (which requeues) every rank exits 0, else srun would kill the slower ones
-        if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER"):
-            sys.exit(PREEMPTED)
+        exit_code = PREEMPTED if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER") else 0
+        leave_together(exit_code)
+        if exit_code:
+            sys.exit(exit_code)
     elif args.command == "eval":
         from pipeline.eval.run import run_eval
 

@@ -64,14 +64,28 @@ def rank_env() -> tuple[int, int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
-def leave_together() -> None:
-    """Wait for every rank, then close the process group. A rank that exits while a peer still works
-    (rank 0 logging to MLflow, say) tears down gloo's threads under it and aborts the launch."""
+def leave_together(exit_code: int = 0) -> None:
+    """End a distributed command: wait for every rank, close the process groups and exit the
+    process at once with `exit_code`. Returns only in a single-process run.
+
+    Why not a plain return: a rank leaving while a peer still works (rank 0 logging to MLflow,
+    say) pulls gloo's connections from under it, and a normal interpreter exit destroys
+    collective handles still held by DeepSpeed after Python is half torn down, which aborts the
+    process now and then ("terminate called without an active exception", SIGABRT) after all its
+    work is done. Everything a command writes is closed before this call; logs are flushed here."""
+    import logging
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 if __name__ == "__main__":
