@@ -5,7 +5,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from pipeline import ArpipeError
 from pipeline.data.shards import Shards
 from pipeline.data.stream import eval_blocks, split_bytes
 
@@ -19,12 +18,6 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
     Text items are scored with their EOS token (the model also says where text ends). Sums are
     float64 and all-reduced. Ranks step in lockstep, padding with empty batches, because a
     ZeRO-3 forward pass is a collective."""
-    if model.orders_variables and shards.codec.stream_mode != "item":
-        # Packed or cropped blocks end padded. In its own ordering a padded row's real variables
-        # condition on the padding, and a mixture's NLL is one total per row (models/made.py):
-        # no exact number exists. Checked before any collective, so every rank stops alike.
-        raise ArpipeError(f"{type(model).__name__} orders the variables itself, so eval scores it on whole "
-                          f"fixed-length items only (images), not on {shards.codec.modality} blocks")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -47,6 +47,9 @@ def check_ordering(model: ARModel, codec_config: dict, data) -> None:
         from pipeline.codecs import codec_classes
 
         codec = codec_classes().get(codec_config.get("modality"))
-        if codec is None or codec.stream_mode != "item":  # packed/cropped blocks: see eval/nll.py
+        # Packed or cropped blocks end padded. In its own ordering a padded row's real variables
+        # condition on the padding, and a mixture's NLL is one total per row (models/made.py):
+        # no exact number exists. Training and eval both call this before any collective.
+        if codec is None or codec.stream_mode != "item":
             raise ArpipeError(f"{type(model).__name__} orders the variables itself and needs fixed-length items "
                               f"(images), but {data} holds {codec_config.get('modality')} data")

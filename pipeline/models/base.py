@@ -28,8 +28,11 @@ class ARModel(nn.Module):
     required_ordering: str | None = None
     # True for a model that orders its variables itself (MADE): to_sequence/from_sequence apply
     # its ordering, so the data's first P variables are not its first P (see completions in
-    # eval/samples.py) and a row padded at the end has no exact likelihood (eval/nll.py).
+    # eval/samples.py) and a row padded at the end has no exact likelihood (check_ordering).
     orders_variables: bool = False
+    # True for models that use each weight once per item rather than once per variable (the
+    # dense classic models: FVSBN, NADE, MADE); train_flops_per_variable divides by D.
+    weights_used_once_per_item: bool = False
 
     def __init__(self, vocab_size: int, shape: tuple[int, ...]):
         super().__init__()
@@ -47,8 +50,9 @@ class ARModel(nn.Module):
     def train_flops_per_variable(self) -> float:
         """Training FLOPs (forward + backward) per modelled variable, for MFU: 6 per parameter
         use (2 forward, 4 backward). Models whose compute is not one use of each weight per
-        variable (attention, convolutions) override it."""
-        return 6.0 * sum(p.numel() for p in self.parameters())
+        variable (attention, convolutions) override it or set `weights_used_once_per_item`."""
+        flops = 6.0 * sum(p.numel() for p in self.parameters())
+        return flops / self.num_vars if self.weights_used_once_per_item else flops
 
     def token_nll(self, x: torch.Tensor) -> torch.Tensor:
         """-log p(x_i | x_<i) in nats for every variable, shape (batch, D) in the ordering."""

@@ -46,6 +46,7 @@ def one_hot(x: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> torch.Tenso
 
 class FVSBN(ARModel):
     Config = FVSBNConfig
+    weights_used_once_per_item = True
 
     def __init__(self, cfg: FVSBNConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)
@@ -59,9 +60,6 @@ class FVSBN(ARModel):
         var = torch.arange(n) // vocab_size
         # row (i, v) reads column (j, u) only for j < i: strictly lower block-triangular
         self.register_buffer("mask", var[:, None] > var[None, :], persistent=False)
-
-    def train_flops_per_variable(self) -> float:
-        return 6.0 * sum(p.numel() for p in self.parameters()) / self.num_vars  # each weight once per item
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = one_hot(x, self.vocab_size, self.weight.dtype)

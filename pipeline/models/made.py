@@ -69,6 +69,7 @@ class MaskedLinear(nn.Linear):
 
 class MADE(ARModel):
     Config = MADEConfig
+    weights_used_once_per_item = True
     orders_variables = True
 
     def __init__(self, cfg: MADEConfig, vocab_size: int, shape: tuple[int, ...]):
@@ -89,9 +90,6 @@ class MADE(ARModel):
 
     def summary(self) -> dict:
         return {"orderings": len(self.orderings), "train_orderings": self.cfg.train_orderings}
-
-    def train_flops_per_variable(self) -> float:
-        return 6.0 * sum(p.numel() for p in self.parameters()) / self.num_vars  # each weight once per item
 
     def train(self, mode: bool = True):
         if self.training and not mode:

@@ -28,6 +28,7 @@ class NADEConfig(BaseModel):
 
 class NADE(ARModel):
     Config = NADEConfig
+    weights_used_once_per_item = True
 
     def __init__(self, cfg: NADEConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)
@@ -38,9 +39,6 @@ class NADE(ARModel):
         self.c = nn.Parameter(torch.zeros(H))
         self.V = nn.Parameter(torch.randn(D, V, H) / H**0.5)
         self.b = nn.Parameter(torch.zeros(D, V))
-
-    def train_flops_per_variable(self) -> float:
-        return 6.0 * sum(p.numel() for p in self.parameters()) / self.num_vars  # each weight once per item
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.vocab_size)
