@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
     ev.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    ev.add_argument("--data", required=True, help="shard directory")
+    ev.add_argument("--data", required=True, nargs="+",
+                    help="shard directory; several (a mixture's sources): each is reported, and all together")
     ev.add_argument("--split", default="val")
     ev.add_argument("--batch-size", type=_positive, default=16)
+    ev.add_argument("--stride", type=_positive,
+                    help="also score with sliding windows that advance this many tokens (audio samples), each "
+                         "token once with at least block_len - stride of context (sequences only)")
     ev.add_argument("--samples", type=int, default=4, help="unconditional samples")
     ev.add_argument("--prompts", type=int, default=4, help="completions of validation items' starts")
     ev.add_argument("--prompt-len", type=_positive,
@@ -159,8 +163,8 @@ def run(argv: list[str]) -> None:
     elif args.command == "eval":
         from pipeline.eval.run import run_eval
 
-        run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, samples=args.samples,
-                 prompts=args.prompts, prompt_len=args.prompt_len, temperature=args.temperature,
+        run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, stride=args.stride,
+                 samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len, temperature=args.temperature,
                  top_k=args.top_k, seed=args.seed, new_run=args.new_run, tracking_uri=args.tracking_uri,
                  out=args.out)
         leave_together()

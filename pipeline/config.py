@@ -4,11 +4,12 @@ Every section forbids unknown keys, so a typo is an error that names the key and
 from (the file or the command line), never a silently ignored setting.
 """
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import ArpipeError
 
@@ -17,12 +18,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class MixtureSource(Section):
+    path: str  # a shard directory
+    weight: float = Field(gt=0)  # its share of the training rows (the weights are normalised to sum to 1)
+    name: str | None = None  # in metrics (val/NAME/bits_per_byte); default: the directory's name
+
+
 class DataConfig(Section):
-    path: str  # a shard directory (the --out of `arpipe shard`)
+    path: str | None = None  # a shard directory (the --out of `arpipe shard`), or else:
+    mixture: list[MixtureSource] = []  # shard directories with one codec, mixed by weight (pipeline/data/stream.py)
     block_len: int = 256  # variables per training sequence (text: tokens)
     batch_size: int = 16  # sequences per micro-batch per rank
     shuffle_window: int = 8  # chunks whose items are shuffled together
     num_workers: int = 0  # DataLoader worker processes per rank
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (not self.mixture):
+            raise ValueError("give either data.path or data.mixture")
+        names = [name for name, _, _ in self.sources()]
+        if self.mixture and (len(set(names)) < len(names) or not all(re.fullmatch(r"[\w.-]+", n) for n in names)):
+            raise ValueError(f"data.mixture: source names {names} must differ and be letters, digits, '_', '-', "
+                             f"'.' (metric names): set `name` on the sources")
+        return self
+
+    def sources(self) -> list[tuple[str, str, float]]:
+        """(name, path, weight) of each shard directory trained on: data.path alone, or the mixture."""
+        if self.path is not None:
+            return [(Path(self.path).name, self.path, 1.0)]
+        return [(s.name or Path(s.path).name, s.path, s.weight) for s in self.mixture]
 
 
 class OptimConfig(Section):
@@ -60,6 +84,7 @@ class TrackingConfig(Section):
 class EvalConfig(Section):
     batch_size: int = 16
     max_chunks: int | None = None  # limit for the periodic evaluation during training
+    stride: int | None = None  # also score with sliding windows of this stride (see `arpipe eval --stride`)
     samples: int = 4  # unconditional samples
     prompts: int = 4  # completions of the starts of validation items
     prompt_len: int = 32

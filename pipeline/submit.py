@@ -31,6 +31,9 @@ def plan_jobs(cfg: Config, config_path: str, overrides: list[str], scripts: Path
     logs = Path(cfg.out_dir).absolute() / "slurm"
     jobs = []
     if slurm.shard:
+        if cfg.data.mixture:
+            raise ArpipeError("slurm.shard builds one shard directory (data.path); shard a data.mixture's sources "
+                              "first and leave slurm.shard out")
         shard = slurm.shard
         stage = [shard.modality, "--input", *shard.inputs, "--out", str(Path(cfg.data.path).absolute()), *shard.args]
         array = f"--array=0-{shard.tasks - 1}" + (f"%{shard.parallel}" if shard.parallel else "")
@@ -50,7 +53,7 @@ def plan_jobs(cfg: Config, config_path: str, overrides: list[str], scripts: Path
                            "--config", str(Path(config_path).absolute()), *overrides]))
     jobs.append(("eval", [*_common(slurm.eval, cfg, "eval", logs), f"--ntasks={slurm.eval.tasks}",
                           str(scripts / "eval.sbatch"), "--model", str(Path(cfg.out_dir).absolute()),
-                          "--data", str(Path(cfg.data.path).absolute()), *slurm.eval.args]))
+                          "--data", *(str(Path(p).absolute()) for _, p, _ in cfg.data.sources()), *slurm.eval.args]))
     return jobs
 
 

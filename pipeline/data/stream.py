@@ -345,6 +345,15 @@ def windows(length: int, block_len: int, stride: int) -> tuple[np.ndarray, np.nd
     return begin, lo, hi
 
 
+def window_rows(sequence: np.ndarray, block_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sequence's sliding windows as rows (windows, block_len), padded past its end, and the
+    mask of the positions each row scores."""
+    begin, lo, hi = windows(len(sequence), block_len, stride)
+    padded = np.concatenate([sequence, np.zeros(block_len, sequence.dtype)])
+    offset = np.arange(block_len)
+    return gather_rows(padded, begin, block_len), (offset >= (lo - begin)[:, None]) & (offset < (hi - begin)[:, None])
+
+
 def eval_blocks(shards: Shards, split: str, block_len: int, batch_size: int, *, rank: int = 0,
                 world: int = 1, max_chunks: int | None = None, stride: int | None = None):
     """Batches (tokens, mask) that score every variable of a split exactly once across ranks;
@@ -359,7 +368,6 @@ def eval_blocks(shards: Shards, split: str, block_len: int, batch_size: int, *, 
     codec = shards.codec
     T = codec.sequence_length(block_len)
     stride = stride or T
-    position = np.arange(T)
     rows, masks, count = [], [], 0
     for shard, entry in shards.chunks(split)[:max_chunks][rank::world]:
         tokens, offsets = shards.read_chunk(shard, entry["key"])
@@ -368,11 +376,10 @@ def eval_blocks(shards: Shards, split: str, block_len: int, batch_size: int, *, 
         else:
             sequences = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         for sequence in sequences:
-            begin, lo, hi = windows(len(sequence), T, stride)
-            padded = np.concatenate([sequence, np.zeros(T, sequence.dtype)])
-            rows.append(gather_rows(padded, begin, T))
-            masks.append((position >= (lo - begin)[:, None]) & (position < (hi - begin)[:, None]))
-            count += len(begin)
+            x, mask = window_rows(sequence, T, stride)
+            rows.append(x)
+            masks.append(mask)
+            count += len(x)
             if count >= batch_size:
                 x, mask = np.concatenate(rows).astype(np.int64), np.concatenate(masks)
                 full = count - count % batch_size

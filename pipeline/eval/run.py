@@ -1,4 +1,5 @@
-"""`arpipe eval`: exact NLL of a model on a split, samples and completions, logged to MLflow."""
+"""`arpipe eval`: exact NLL of a model on a split (of one shard set, or each of several and all
+together), optionally also with sliding windows; samples and completions; logged to MLflow."""
 
 import json
 import tempfile
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from pipeline import ArpipeError
 from pipeline.data.shards import Shards
-from pipeline.eval.nll import evaluate_nll, headline
+from pipeline.eval.nll import evaluate_sources, headline
 from pipeline.eval.samples import validation_items, write_samples
 from pipeline.export import load_any
 from pipeline.log import LOG, setup_logging
@@ -18,9 +19,9 @@ from pipeline.tracking import Tracker, ui_command
 from pipeline.train.dist import rank_env
 
 
-def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int = 16,
-             samples: int = 4, prompts: int = 4, prompt_len: int | None = None, temperature: float = 1.0,
-             top_k: int | None = None, seed: int = 0, new_run: bool = False,
+def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batch_size: int = 16,
+             stride: int | None = None, samples: int = 4, prompts: int = 4, prompt_len: int | None = None,
+             temperature: float = 1.0, top_k: int | None = None, seed: int = 0, new_run: bool = False,
              tracking_uri: str | None = None, experiment: str = "arpipe", out: str | None = None) -> dict:
     rank, world, local_rank = rank_env()
     setup_logging(rank)
@@ -32,16 +33,20 @@ def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model, codec, meta = load_any(model_path)
     model.to(device)
-    shards = Shards(data)
-    check_ordering(model, shards.manifest["codec"], shards.dir)
-    if shards.manifest["codec"] != codec.config():
-        raise ArpipeError(f"{data} was tokenised with another codec than the model was trained on "
-                          f"(compare codec in {shards.dir / 'manifest.json'})")
+    paths = [data] if isinstance(data, str) else list(data)  # several: a mixture's sources, each and together
+    names = [Path(p).name for p in paths]
+    sources = {name: Shards(path) for name, path in zip(names if len(set(names)) == len(names) else paths, paths)}
+    for path, shards in zip(paths, sources.values()):
+        check_ordering(model, shards.manifest["codec"], shards.dir)
+        if shards.manifest["codec"] != codec.config():
+            raise ArpipeError(f"{path} was tokenised with another codec than the model was trained on "
+                              f"(compare codec in {shards.dir / 'manifest.json'})")
+    shards = next(iter(sources.values()))  # samples and completions start from its items
     block_len = meta["shape"][0]  # sequences: the model's context; images: ignored by the codec
     step = meta.get("step", 0)
-    LOG.info("eval: %s on %s/%s, %d ranks", model_path, data, split, world)
-    result = evaluate_nll(model, shards, split, block_len, batch_size, rank=rank, world=world)
-    result.update(step=step, split=split, model=str(model_path), data=str(data))
+    LOG.info("eval: %s on %s/%s, %d ranks", model_path, " ".join(paths), split, world)
+    result = evaluate_sources(model, sources, split, block_len, batch_size, rank=rank, world=world, stride=stride)
+    result.update(step=step, split=split, model=str(model_path), data=data)
     if rank == 0:
         run_id = None if new_run else meta.get("run_id")
         tracker = Tracker(tracking_uri or meta.get("tracking_uri"), experiment, run_id=run_id,
@@ -62,8 +67,10 @@ def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int 
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_text(json.dumps(result, indent=1))
-        print(f"{split}: " + ", ".join(f"{v:.4f} {k.replace('_per_', '/').replace('_', ' ')}"
-                                       for k, v in headline(result).items()))
+        for name, figures in [("", result), *((f" {n}", r) for n, r in result.get("sources", {}).items())]:
+            print(f"{split}{name}: " + ", ".join(f"{v:.4f} {k.replace('_per_', '/').replace('_', ' ')}"
+                                                 for k, v in headline(figures).items() if "/" not in k)
+                  + (f" (sliding: stride {stride} of {block_len})" if stride else ""))
     return result
 
 

@@ -31,6 +31,7 @@ from pipeline import ArpipeError, __version__
 from pipeline.config import Config
 from pipeline.data.shards import Shards
 from pipeline.data.stream import Batches, TokenStream
+from pipeline.eval.nll import check_stride, evaluate_sources, headline
 from pipeline.export import full_fp32_state, save_export
 from pipeline.log import LOG, setup_logging
 from pipeline.models import build_model, check_ordering
@@ -113,13 +114,15 @@ class Trainer:
         deepspeed = start_deepspeed()
         self.stop = StopRequest()
         self.out = Path(cfg.out_dir)
-        self.shards = Shards(cfg.data.path)
+        self.sources = {name: Shards(path) for name, path, _ in cfg.data.sources()}  # data.path or data.mixture
+        self.shards = next(iter(self.sources.values()))  # its codec is every source's (TokenStream checks)
         self.codec = self.shards.codec
         self.shape = self.codec.model_shape(cfg.data.block_len)
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.codec.vocab_size, self.shape)
         check_ordering(self.model, self.shards.manifest["codec"], self.shards.dir)
+        check_stride(self.model, self.codec, cfg.data.block_len, cfg.eval.stride)
         # torch's AdamW (no JIT build, bitwise resume); the fused CUDA kernel on GPUs, where the
         # per-tensor loop made the optimizer step dominate a 124M GPT's step (benchmarks/RESULTS.md)
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -139,7 +142,8 @@ class Trainer:
         if cfg.train.compile:  # the first steps compile the forward and backward graphs
             self.engine.compile()
 
-        self.batches = Batches(TokenStream(self.shards, "train", cfg.data.block_len, cfg.data.batch_size,
+        self.batches = Batches(TokenStream(list(self.sources.values()), "train", cfg.data.block_len,
+                                           cfg.data.batch_size, weights=[w for _, _, w in cfg.data.sources()],
                                            seed=cfg.seed, rank=self.rank, world=self.world,
                                            num_workers=cfg.data.num_workers, shuffle_window=cfg.data.shuffle_window))
         self.resumed = self._resume(universal)
@@ -176,12 +180,14 @@ class Trainer:
             tracker.log_params(cfg.model_dump())
             tracker.log_artifact(self.out / "config.yaml")
             tracker.log_artifact(self.out / "deepspeed.json")
-            tracker.log_artifact(shards.dir / "manifest.json")
+            for name, source in self.sources.items():  # a mixture's manifests under data/NAME
+                tracker.log_artifact(source.dir / "manifest.json", f"data/{name}" if len(self.sources) > 1 else None)
         n_params = sum(p.numel() for p in self.model.parameters())
         summary = self.model.summary()
         tracker.set_tags({"world_size": self.world, "arpipe_version": __version__, "git_commit": git_commit(),
                           "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
-                          "parameters": n_params, "modality": self.codec.modality, "data": str(shards.dir),
+                          "parameters": n_params, "modality": self.codec.modality,
+                          "data": " ".join(str(s.dir) for s in self.sources.values()),
                           "nodes": os.environ.get("SLURM_JOB_NODELIST", os.uname().nodename),
                           "tokenizer_sha256": shards.manifest["codec"].get("tokenizer_sha256", ""),
                           "manifest_sha256": hashlib.sha256((shards.dir / "manifest.json").read_bytes()).hexdigest(),
@@ -286,12 +292,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Exact validation NLL (collective), logged at this step."""
-        from pipeline.eval.nll import evaluate_nll, headline
-
         self.engine.eval()
-        result = evaluate_nll(self.engine.module, self.shards, "val", self.cfg.data.block_len,
-                              self.cfg.eval.batch_size, rank=self.rank, world=self.world,
-                              max_chunks=self.cfg.eval.max_chunks)
+        result = evaluate_sources(self.engine.module, self.sources, "val", self.cfg.data.block_len,
+                                  self.cfg.eval.batch_size, rank=self.rank, world=self.world,
+                                  max_chunks=self.cfg.eval.max_chunks, stride=self.cfg.eval.stride)
         self.engine.train()
         self.tracker.log_metrics({f"val/{k}": v for k, v in headline(result).items()}, self.step)
         LOG.info("step %d: val %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in headline(result).items()))
