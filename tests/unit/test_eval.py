@@ -13,16 +13,9 @@ from pipeline.data.shards import Shards
 from pipeline.data.stream import Batches, TokenStream, pack_items, window_rows
 from pipeline.eval.nll import evaluate_nll
 from pipeline.models import build_model
+from tests.unit.test_audio import one_thread  # noqa: F401 (autouse: one intra-op thread)
 from tests.unit.test_model_contract import FAMILIES, tiny
 from tests.unit.test_stream import digit_shards  # noqa: F401 (a fixture)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sliding_log_prob(model, sequences: torch.Tensor, stride: int) -> torch.Tensor:
