@@ -57,7 +57,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, train_config, stage)
 
 def test_launchers_agree_and_eval_is_world_size_independent(tmp_path, train_config):
     """deepspeed, torchrun and Slurm-style env variables train the same run; eval on 1 and 2
-    processes counts the same tokens and the same total NLL."""
+    processes counts the same tokens and the same total NLL, in blocks and sliding windows."""
     common = ["--config", train_config, "train.zero_stage=2", "train.steps=12"]
     run(deepspeed_command(2, *common, f"out_dir={tmp_path / 'ds'}"))
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -75,14 +75,16 @@ def test_launchers_agree_and_eval_is_world_size_independent(tmp_path, train_conf
 
     data = json.loads((tmp_path / "ds" / "export" / "model.json").read_text())["data"]
     one = tmp_path / "eval1.json"
-    arpipe("eval", "--model", tmp_path / "ds", "--data", data, "--out", one, "--samples", 1, "--prompts", 1)
+    arpipe("eval", "--model", tmp_path / "ds", "--data", data, "--out", one, "--samples", 1, "--prompts", 1,
+           "--stride", 8)
     two = tmp_path / "eval2.json"
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
          str(free_port()), "-m", "pipeline", "eval", "--model",
-         str(tmp_path / "ds"), "--data", data, "--out", str(two), "--samples", "0", "--prompts", "0"])
+         str(tmp_path / "ds"), "--data", data, "--out", str(two), "--samples", "0", "--prompts", "0", "--stride", "8"])
     r1, r2 = json.loads(one.read_text()), json.loads(two.read_text())
     assert r1["tokens"] == r2["tokens"] > 0
     assert r1["nats"] == pytest.approx(r2["nats"], rel=1e-6)
+    assert r1["nats_sliding"] == pytest.approx(r2["nats_sliding"], rel=1e-6) and r1["nats_sliding"] != r1["nats"]
     assert 0 < r1["bits_per_byte"] < 8
     # eval landed in the training run
     client = MlflowClient(r1["tracking_uri"])

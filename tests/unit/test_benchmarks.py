@@ -14,6 +14,7 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "stream": ["--only", "image"],
     "trainer": [],
     "sampling": [],
+    "eval": [],
     "gpu": ["--cases", "gpt-bare", "pixelcnn"],
 }
 
