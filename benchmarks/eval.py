@@ -8,6 +8,8 @@ cost does not depend on the weights.
     python benchmarks/eval.py [--repeats 3] [--work DIR]
 """
 
+import time
+
 import yaml
 
 import common
@@ -48,11 +50,13 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build_model({**demo["model"], **({"n_layer": 1} if args.tiny else {})}, shards.codec.vocab_size, (T,))
     model.eval()
-    results = {}
+    results, cpu = {}, {None: [], stride: []}
 
     def variant(s):
         def run():
+            start = time.process_time()
             results[s] = evaluate_nll(model, shards, "val", T, 16, stride=s)
+            cpu[s].append(time.process_time() - start)
         return run
 
     t = median_times({"blocks": variant(None), "sliding": variant(stride)}, args.repeats)
@@ -60,12 +64,15 @@ def main(argv=None):
     assert r["nats"] == results[None]["nats"]  # the block figure does not change with --stride
     what = f"{r['bytes'] / 1e3:.0f} kB of validation text, {r['tokens']} tokens"
     rows = [Row(f"eval --stride {stride} (block and sliding figures), GPT 4 × 128, block_len {T}: {what}",
-                f"{t['sliding']:.1f} s ({common.rate(r['tokens'], t['sliding'], 'tok')})",
-                f"blocks alone {t['blocks']:.1f} s ({common.rate(r['tokens'], t['blocks'], 'tok')})",
+                f"{t['sliding']:.1f} s, {min(cpu[stride]):.1f} s of CPU "
+                f"({common.rate(r['tokens'], t['sliding'], 'tok')})",
+                f"blocks alone {t['blocks']:.1f} s, {min(cpu[None]):.1f} s of CPU "
+                f"({common.rate(r['tokens'], t['blocks'], 'tok')})",
                 t["sliding"] / t["blocks"], 1.1 * (1 + T / stride), at_most=True)]
     common.report("Sliding-window evaluation (benchmarks/eval.py)", rows, args,
                   [f"ratio: time of evaluate_nll with stride {stride} / without; one thread, batch 16, an untrained "
-                   f"model (random weights)",
+                   f"model (random weights); CPU: the least process time of the runs (wall time grows with the "
+                   f"machine's load)",
                    f"bits/byte of this untrained model: blocks {r['bits_per_byte']:.3f}, sliding "
                    f"{r['bits_per_byte_sliding']:.3f}"])
     return rows

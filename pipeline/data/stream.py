@@ -245,6 +245,9 @@ class TokenStream(IterableDataset):
         """(row, every source's state after it) for one part, forever: each row from the source
         furthest behind its weight (see the module docstring)."""
         streams = [source.rows(part, parts, state) for source, state in zip(self.sources, states)]
+        if len(streams) == 1:  # nothing to choose: spare the per-row choice (a fifth of the stream's time)
+            for row, state in streams[0]:
+                yield row, [state]
         states = list(states)
         while True:
             k = sum(state["rows"] for state in states) + 1

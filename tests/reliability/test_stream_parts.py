@@ -37,7 +37,7 @@ tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: parts}}
 """)
     # 2 ranks × 3 workers = 6 parts: the old stream gave parts 4 and 5 no document and hung rank 1
     trained = subprocess.run(deepspeed_command(2, "--config", config), env=ENV, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=600)
     assert trained.returncode == 0, trained.stderr[-4000:]
     assert len(read_metrics(tmp_path / "run")) == 6
     # each rank a process of its own (as srun starts them): both must leave by themselves, saying why
@@ -48,7 +48,7 @@ tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: parts}}
                                    "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": port},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for rank in ranks:
-        _, stderr = rank.communicate(timeout=300)
+        _, stderr = rank.communicate(timeout=600)
         assert rank.returncode == 2, stderr[-4000:]
         assert ("the train split (1 chunks, 2 items, 2 tokens) cannot give each of 6 stream parts "
                 "(ranks × data.num_workers) a token per epoch; use fewer data.num_workers or ranks") in stderr
