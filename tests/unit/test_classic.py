@@ -84,11 +84,11 @@ def test_made_conditionals_follow_its_ordering(cfg):
     assert torch.equal(model.orderings[0], torch.arange(12)) == model.cfg.data_order_first
     for order in model.orderings:
         with torch.no_grad():
-            base = model.logits(x, order).flatten(1, 3)[0]
+            base = model.logits_in(x, order).flatten(1, 3)[0]
             for j, var in enumerate(order.tolist()):
                 y = x.flatten(1).clone()
                 y[0, var] = (y[0, var] + 1) % 3
-                change = (model.logits(y.view_as(x), order).flatten(1, 3)[0] - base).abs().amax(-1)
+                change = (model.logits_in(y.view_as(x), order).flatten(1, 3)[0] - base).abs().amax(-1)
                 assert change[order[: j + 1]].max() == 0
                 if j + 1 < len(order):
                     assert change[order[j + 1 :]].max() > 0  # masked paths give exactly 0
@@ -130,7 +130,7 @@ def test_training_draws_an_ordering_per_forward_and_to_sequence_keeps_it(mode):
         j = 4
         seq = targets.clone()
         seq[:, j:] = 1 - seq[:, j:]
-        again = model.to_sequence(model.logits(model.from_sequence(seq), model.order))
+        again = model.to_sequence(model.logits_in(model.from_sequence(seq), model.order))
         assert torch.equal(again[:, : j + 1], logits[:, : j + 1]) and not torch.equal(again, logits)
     if mode == "fixed":
         assert seen <= fixed and len(seen) > 1
