@@ -41,6 +41,7 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile()); for GPUs
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3  # checkpoints kept on disk

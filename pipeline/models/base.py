@@ -47,9 +47,9 @@ class ARModel(nn.Module):
     # queues, GRU's hidden state), "window" (a context of num_vars positions, re-primed with the
     # last num_vars - stride variables when full: GPT, Llama) or None (a fixed shape).
     long_samples: str | None = None
-    # What activation checkpointing recomputes (train.activation_checkpointing), None: nothing
-    # worth it. Families that have blocks run them through `run_block`.
-    checkpointed: str | None = None
+    # True for families whose blocks (run through `run_block`) activation checkpointing may
+    # recompute (train.activation_checkpointing); the others have nothing worth recomputing.
+    checkpointable: bool = False
 
     def __init__(self, vocab_size: int, shape: tuple[int, ...]):
         super().__init__()
@@ -74,7 +74,7 @@ class ARModel(nn.Module):
     def set_activation_checkpointing(self, on: bool) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them
         (torch.utils.checkpoint, non-reentrant; the RNG state is restored, so dropout repeats)."""
-        if on and self.checkpointed is None:
+        if on and not self.checkpointable:
             raise ArpipeError(f"train.activation_checkpointing: {type(self).__name__} has no blocks whose "
                               f"activations are worth recomputing; set it to false")
         self.activation_checkpointing = on

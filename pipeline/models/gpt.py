@@ -68,7 +68,7 @@ class Block(nn.Module):
 class GPT(ARModel):
     Config = GPTConfig
     long_samples = "window"
-    checkpointed = "each transformer block"
+    checkpointable = True
 
     def __init__(self, cfg: GPTConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)

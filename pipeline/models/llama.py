@@ -146,7 +146,7 @@ class Decoder(nn.Module):
 class Llama(ARModel):
     Config = LlamaConfig
     long_samples = "window"
-    checkpointed = "each decoder layer"
+    checkpointable = True
 
     def __init__(self, cfg: LlamaConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)

@@ -47,15 +47,20 @@ class ChunkedNLL(torch.autograd.Function):
             hc, tc = h[a : a + rows], targets[a : a + rows]
             z = F.linear(hc, weight)  # the matmul's dtype: bf16 under autocast
             logits = z.float()
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(-1, tc[:, None]).squeeze(-1)).sum()
+            target = logits.gather(-1, tc[:, None])
+            top = logits.amax(-1, keepdim=True)
+            g = logits.sub_(top).exp_()  # in place of the logits (one chunk-sized tensor in all)
+            norm = g.sum(-1, keepdim=True)
+            total += (top + norm.log() - target).sum()  # log-sum-exp minus the target's logit
             if want_h or want_w:
-                g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                g.div_(norm)  # the softmax
                 g[torch.arange(len(tc), device=g.device), tc] -= 1
                 g = g.to(z.dtype)
                 if want_h:
                     grad_h[a : a + rows] = g @ weight.to(z.dtype)
-                if want_w:
+                if want_w and z.dtype == torch.float32:
+                    grad_w.addmm_(g.T, hc)  # in place: no (vocab, d) temporary per chunk
+                elif want_w:
                     grad_w += (g.T @ hc.to(z.dtype)).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n, ctx.h_dtype, ctx.w_dtype = n, h.dtype, weight.dtype
@@ -63,7 +68,7 @@ class ChunkedNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.saved_tensors  # used once (no double backward): scaled in place
         scale = grad_loss / ctx.n
-        return (None if grad_h is None else (grad_h * scale).to(ctx.h_dtype),
-                None if grad_w is None else (grad_w * scale).to(ctx.w_dtype), None, None)
+        return (None if grad_h is None else grad_h.mul_(scale).to(ctx.h_dtype),
+                None if grad_w is None else grad_w.mul_(scale).to(ctx.w_dtype), None, None)

@@ -122,7 +122,7 @@ def gate(t: torch.Tensor) -> torch.Tensor:
 
 class PixelCNN(ARModel):
     Config = PixelCNNConfig
-    checkpointed = "each layer (gated: both stacks)"
+    checkpointable = True
     required_ordering = "raster"  # the ordering its masks implement; the trainer and eval check the data's
 
     def __init__(self, cfg: PixelCNNConfig, vocab_size: int, shape: tuple[int, ...]):

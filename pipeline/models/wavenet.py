@@ -54,7 +54,7 @@ class GatedLayer(nn.Module):
 class WaveNet(ARModel):
     Config = WaveNetConfig
     long_samples = "native"
-    checkpointed = "each gated layer"
+    checkpointable = True
 
     def __init__(self, cfg: WaveNetConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -120,6 +119,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.codec.vocab_size, self.shape)
         check_ordering(self.model, self.shards.manifest["codec"], self.shards.dir)
+        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # models: per block
         # torch's AdamW (no JIT build, bitwise resume); the fused CUDA kernel on GPUs, where the
         # per-tensor loop made the optimizer step dominate a 124M GPT's step (benchmarks/RESULTS.md)
         optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -223,8 +223,9 @@ class Trainer:
         while micro < cfg.train.grad_accum:
             x = next(self.batches).to(engine.device, non_blocking=True)  # (batch, variables in the data's ordering)
             inputs = model.from_data(x)
-            logits = model.to_sequence(engine(inputs))  # (batch, variables in the model's ordering, vocab)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), model.to_sequence(inputs).flatten())
+            # the mean NLL through the engine (ZeRO-3 gathers in module hooks); models/base.py's
+            # forward(x, loss=True): no fp32 logits of the whole batch for vocabulary heads
+            loss = engine(inputs, loss=True)
             if self.batches.consumed in cfg.train.inject_nonfinite:
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss))
