@@ -53,8 +53,8 @@ def write_samples(model, codec, prompts: list[np.ndarray], directory: Path, *, s
                                               temperature=temperature, top_k=top_k, generator=generator))
             files += codec.write_samples(rows.cpu().numpy(), directory, "completions", prefix_len=prompt_len)
         else:
-            rows, given = complete_in_model_order(model, prompts, prompt_len, length=length, stride=stride,
-                                                  temperature=temperature, top_k=top_k, generator=generator)
+            rows, given = complete_in_model_order(model, prompts, prompt_len, temperature=temperature, top_k=top_k,
+                                                  generator=generator)  # whole items: its shape
             files += codec.write_samples(rows.cpu().numpy(), directory, "completions", given=given.cpu().numpy())
     return files
 
