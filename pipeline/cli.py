@@ -30,7 +30,8 @@ def add_stage_options(p: argparse.ArgumentParser) -> None:
     """Options every `arpipe shard <modality>` shares."""
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
                    help="input files, directories or globs (** recurses)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json, or an object "
+                   "store URL (s3://bucket/prefix; AWS_ENDPOINT_URL and credentials from the environment)")
     p.add_argument("--workers", type=_positive, default=1, help="parallel processes on this machine (default 1)")
     p.add_argument("--task", type=int, help="run only task I (a Slurm array element), then stop")
     p.add_argument("--num-tasks", type=_positive, help="number of tasks the inputs are cut into "
@@ -126,16 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shard(args) -> None:
+    from pipeline.data.remote_stage import run_remote_stage
     from pipeline.data.shards import run_stage
     from pipeline.data.sources import expand_inputs
+    from pipeline.data.storage import is_url
 
     codec = codec_classes()[args.modality]
     settings = {"modality": args.modality, "val_fraction": args.val_fraction,
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
     inputs = [] if args.finalize else expand_inputs(args.input)
-    run_stage(args.out, settings, inputs, codec.maker(settings, args), workers=args.workers,
-              num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
+    stage, out = (run_remote_stage, args.out) if is_url(args.out) else (run_stage, Path(args.out))
+    stage(out, settings, inputs, codec.maker(settings, args), workers=args.workers,
+          num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 
 
 def run(argv: list[str]) -> None:
