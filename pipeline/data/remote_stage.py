@@ -135,10 +135,9 @@ def run_remote_stage(url: str, settings: dict, inputs: list[Path], make_codec, *
         staging = Path(tmp)
         markers = store.fetch(staging, task)
         planned = (staging / "plan.json").exists()
-        if task is not None and not planned:
-            # array tasks on other nodes share no lock on an object store: one of them must plan
-            raise ArpipeError(f"{url}/plan.json not found: plan the stage on the store first by running one task "
-                              f"alone (e.g. --task 0 --num-tasks N), then start the others")
+        if task and not planned:  # array tasks on other nodes share no lock on a store: task 0 plans alone
+            raise ArpipeError(f"{url}/plan.json not found: on an object store task 0 plans the stage; run "
+                              f"--task 0 first, then the other tasks (`arpipe submit` does)")
         if planned and not finalize_only:
             num_planned = json.loads((staging / "plan.json").read_text())["num_tasks"]
             todo = [task] if task is not None else range(num_planned)

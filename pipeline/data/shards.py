@@ -349,7 +349,7 @@ class Shards:
         self._pid, self._fs = None, None
         path = storage.join(self.root, "manifest.json")
         try:
-            self._manifest_bytes = self.fs.cat_file(path)
+            self._manifest_bytes = storage.read(self.fs, path)
         except FileNotFoundError:
             raise ArpipeError(f"{self.dir}/manifest.json not found: is {self.dir} the --out of a finished "
                               f"`arpipe shard` run?") from None

@@ -38,6 +38,11 @@ def join(root: str, *names: str) -> str:
     return "/".join([root.rstrip("/"), *names])
 
 
+def read(fs, path: str) -> bytes:
+    """A whole object in one GET (s3fs's plain cat_file asks for its size first)."""
+    return fs.cat_file(path, start=0)
+
+
 def cache_root() -> Path:
     """Local copies of remote manifests and codec files ($ARPIPE_CACHE, default ~/.cache/arpipe)."""
     return Path(os.environ.get("ARPIPE_CACHE") or Path.home() / ".cache" / "arpipe")
@@ -58,9 +63,9 @@ def local_copy(fs, root: str, url: str, manifest: bytes, names: list[str]) -> Pa
     directory = cache_root() / "shards" / key
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / "manifest.json").exists():
-        present = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        present = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False, refresh=True)}
         for name in names:
             if name in present and not (directory / name).exists():
-                write_atomic(directory / name, fs.cat_file(join(root, name)))
+                write_atomic(directory / name, read(fs, join(root, name)))
         write_atomic(directory / "manifest.json", manifest)  # last: it marks the copy complete
     return directory

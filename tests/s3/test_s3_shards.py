@@ -83,7 +83,9 @@ def test_reader_makes_one_get_per_chunk(s3, remote, tmp_path, monkeypatch):
     assert sorted(tars) == sorted(shard for shard, _ in chunks)
     # the manifest once per Shards; the tokenizer once (the second Shards finds it in the cache)
     assert sorted(n for n in gets if not n.endswith(".tar")) == ["manifest.json", "manifest.json", "tokenizer.json"]
-    assert all(method == "GET" for method, path in requests if path.startswith(prefix))
+    # and nothing else (no HEAD for sizes) but one listing of the directory, to find the codec's files
+    others = [(method, path) for method, path in requests if not path.startswith(prefix)]
+    assert len(others) == 1 and "list-type" in others[0][1] and len(requests) == len(gets) + 1
 
 
 def test_old_manifest_without_member_ranges_reads_through_the_tar_index(s3, remote, tmp_path):
@@ -110,6 +112,17 @@ def test_stream_from_s3_equals_local_with_forked_workers(remote):
     (remote_batches, remote_state), (local_batches, local_state) = first_batches(url), first_batches(local)
     assert all((a == b).all() for a, b in zip(remote_batches, local_batches))
     assert remote_state == local_state
+
+
+def test_array_tasks_on_s3_then_finalize_equal_a_whole_run(s3, remote, corpus, text_shards):
+    """A Slurm array on a store: task 0 plans (and runs), the others run, --finalize merges."""
+    url, local = remote
+    args = shard_args(corpus, text_shards / "tokenizer.json", "--num-tasks", 3)
+    for task in (0, 2, 1):
+        arpipe(*args, "--task", task, "--out", s3.url("array"), env=s3.process_env)
+    assert "manifest.json" not in objects("array")
+    arpipe(*args, "--finalize", "--out", s3.url("array"), env=s3.process_env)
+    assert Shards(s3.url("array")).manifest["shards"] == json.loads((local / "manifest.json").read_text())["shards"]
 
 
 def test_missing_shards_and_unplanned_array_tasks_are_clear_errors(s3, corpus, text_shards):
@@ -159,3 +172,27 @@ def test_killed_stage_on_s3_finishes_only_the_missing_tasks(s3, tmp_path, text_s
     markers = {f"_tasks/task-{t:05d}.json" for t in range(TASKS)}
     assert objects("killed") == {e["path"] for e in resumed["shards"]} | markers | \
         {"plan.json", "tokenizer.json", "manifest.json"}  # no stray objects, no duplicates
+
+
+def test_submit_plans_an_s3_stage_with_task_0_before_the_array(tmp_path):
+    from pipeline.config import validate
+    from pipeline.submit import plan_jobs
+
+    cfg = validate({"out_dir": str(tmp_path / "run"), "data": {"path": "s3://bucket/text"},
+                    "slurm": {"shard": {"inputs": ["corpus"], "tasks": 4}}}, "test")
+    jobs = dict(plan_jobs(cfg, "config.yaml", []))
+    assert list(jobs) == ["shard-plan", "shard", "finalize", "train", "eval"]
+    assert "--array=0" in jobs["shard-plan"] and "--array=1-3" in jobs["shard"]
+    assert all(args[args.index("--out") + 1] == "s3://bucket/text" for name, args in jobs.items() if "shard" in name)
+    assert jobs["eval"][jobs["eval"].index("--data") + 1] == "s3://bucket/text"  # never through pathlib
+
+
+def test_checkpoints_exports_and_models_refuse_urls(tmp_path):
+    from pipeline.config import validate
+
+    with pytest.raises(ArpipeError, match="out_dir: .*URL.*file system"):
+        validate({"out_dir": "s3://bucket/run", "data": {"path": "s3://bucket/text"}}, "test.yaml")
+    for args in (["eval", "--model", "s3://bucket/run", "--data", "s3://bucket/text"],
+                 ["sample", "--model", str(tmp_path), "--out", "s3://bucket/samples"]):
+        result = arpipe(*args, check=False)
+        assert result.returncode == 2 and "is a URL; object storage holds shards only" in result.stderr
