@@ -404,12 +404,29 @@ class Shards:
         return self._members[shard]
 
     def _read_members(self, shard: str, key: str, exts: tuple[str, ...]) -> list[bytes]:
-        """Members `key.ext` of a chunk, fetched with one read spanning them all."""
+        """Members `key.ext` of a chunk, fetched with one read that spans them and their headers.
+        Each header must name exactly its member: a shard is data, never a path, and the
+        manifest's byte ranges must point at the members it names."""
         ranges = self._ranges.get((shard, key))
         spans = [ranges[ext] if ranges else self._index(shard)[f"{key}.{ext}"] for ext in exts]
-        start, end = min(o for o, _ in spans), max(o + n for o, n in spans)
+        start, end = min(o for o, _ in spans) - tarfile.BLOCKSIZE, max(o + n for o, n in spans)
         data = self.fs.cat_file(storage.join(self.root, shard), start=start, end=end)
-        return [data[o - start : o - start + n] for o, n in spans]
+        members = []
+        for ext, (offset, size) in zip(exts, spans):
+            at = offset - start
+            try:
+                info = tarfile.TarInfo.frombuf(data[at - tarfile.BLOCKSIZE : at], tarfile.ENCODING, "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise ArpipeError(f"{self.dir}/{shard}: cannot read chunk {key}: no tar header before byte {offset} "
+                                  f"({e})") from None
+            if info.name != f"{key}.{ext}" or not info.isfile():
+                raise ArpipeError(f"{self.dir}/{shard}: refusing member {info.name!r} where the manifest has "
+                                  f"{key}.{ext}")
+            if info.size != size:
+                raise ArpipeError(f"{self.dir}/{shard}: cannot read chunk {key}: {info.name} holds {info.size} bytes, "
+                                  f"the manifest says {size} (was the shard changed after sharding?)")
+            members.append(data[at : at + size])
+        return members
 
     def read(self, shard: str, key: str, ext: str) -> bytes:
         return self._read_members(shard, key, (ext,))[0]
