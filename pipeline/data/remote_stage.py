@@ -133,7 +133,10 @@ def run_remote_stage(url: str, settings: dict, inputs: list[Path], make_codec, *
     store = Store(url)
     with tempfile.TemporaryDirectory(prefix="arpipe-stage-") as tmp:
         staging = Path(tmp)
-        markers = store.fetch(staging, task)
+        try:
+            markers = store.fetch(staging, task)
+        except Exception as e:  # an unreachable endpoint, refused credentials, …
+            raise storage.unreachable(url, e) from None
         planned = (staging / "plan.json").exists()
         if task and not planned:  # array tasks on other nodes share no lock on a store: task 0 plans alone
             raise ArpipeError(f"{url}/plan.json not found: on an object store task 0 plans the stage; run "

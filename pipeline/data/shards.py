@@ -353,6 +353,8 @@ class Shards:
         except FileNotFoundError:
             raise ArpipeError(f"{self.dir}/manifest.json not found: is {self.dir} the --out of a finished "
                               f"`arpipe shard` run?") from None
+        except Exception as e:  # an unreachable endpoint, refused credentials, …
+            raise storage.unreachable(f"{self.dir}/manifest.json", e) from None
         self.manifest = json.loads(self._manifest_bytes)
         for entry in self.manifest["shards"]:
             p = PurePosixPath(entry["path"])

@@ -30,8 +30,14 @@ def filesystem(where: str) -> tuple[fsspec.AbstractFileSystem, str]:
     spawned DataLoader worker gets its own connections."""
     try:
         return fsspec.core.url_to_fs(where)
-    except ImportError as e:  # e.g. gs:// without gcsfs
+    except (ImportError, ValueError) as e:  # an unknown protocol, or gs:// without gcsfs
         raise ArpipeError(f"cannot open {where}: {e}") from None
+
+
+def unreachable(where: str, e: Exception) -> ArpipeError:
+    """The error for a store that cannot be reached or refuses us."""
+    return ArpipeError(f"cannot read {where}: {type(e).__name__}: {e} (the store and its credentials come from "
+                       f"AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION or ~/.aws)")
 
 
 def join(root: str, *names: str) -> str:

@@ -17,6 +17,7 @@ import pytest
 from pipeline import ArpipeError
 from pipeline.data.shards import Shards
 from pipeline.data.stream import Batches, TokenStream
+from pipeline.train.dist import free_port
 from tests.conftest import arpipe, write_corpus
 from tests.s3.conftest import BUCKET
 from tests.unit.test_shards import digest
@@ -132,6 +133,9 @@ def test_missing_shards_and_unplanned_array_tasks_are_clear_errors(s3, corpus, t
                     "--out", s3.url("unplanned"), env=s3.process_env, check=False)
     assert result.returncode == 2 and "plan.json not found" in result.stderr
     assert objects("unplanned") == set()
+    nobody = {**s3.process_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens
+    result = arpipe(*shard_args(corpus, text_shards / "tokenizer.json"), "--out", s3.url("x"), env=nobody, check=False)
+    assert result.returncode == 2 and "AWS_ENDPOINT_URL" in result.stderr and "Traceback" not in result.stderr
 
 
 TASKS = 24
