@@ -128,7 +128,7 @@ def main(argv=None):
     notes = [f"data: stdlib docs × {1 if args.tiny else 8}, train split {train['tokens'] / 1e6:.1f} M tokens "
              f"in {train['chunks']} chunks of ≈ {train['tokens'] * 2 / train['chunks'] / 2**20:.1f} MB",
              "one process, one thread; an epoch is read by one stream here: with R ranks × W DataLoader workers each "
-             "reads its share of the chunks, plus one GET of manifest.json per rank and worker",
+             "reads its share of the chunks, plus a GET of manifest.json where each opens the shards",
              "ratio: s3 over local tokens/s; GETs over chunk reads"]
     common.report("Shards on S3 (benchmarks/s3.py)", rows, args, notes)
     return rows
