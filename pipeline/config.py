@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from pipeline import ArpipeError
 
@@ -108,7 +108,7 @@ class SlurmConfig(Section):
 
 
 class Config(Section):
-    out_dir: str
+    out_dir: str  # checkpoints, export, metrics: a path every rank shares (data.path may be s3://)
     seed: int = 0
     data: DataConfig
     model: dict = {}  # `name` picks the family (default gpt); the family's Config checks the rest
@@ -118,6 +118,14 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     deepspeed: dict = {}  # passed through to DeepSpeed over the config derived from the above
     slurm: SlurmConfig = SlurmConfig()
+
+    @field_validator("out_dir")
+    @classmethod
+    def _on_a_file_system(cls, value: str) -> str:
+        if "://" in value:  # checkpoints rename `latest` atomically and DeepSpeed writes local files
+            raise ValueError(f"{value} is a URL: object storage holds shards (data.path), while checkpoints and "
+                             f"exports need a local or shared file system path")
+        return value
 
 
 def parse_overrides(overrides: list[str]) -> dict:
