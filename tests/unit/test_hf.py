@@ -15,6 +15,7 @@ from pipeline.codecs.text import TextCodec
 from pipeline.data.shards import Shards
 from pipeline.export import load_export, save_export
 from pipeline.hf import warm_start
+from pipeline.log import LOG
 from pipeline.models import build_model, model_config
 from tests.conftest import ENV, arpipe
 
@@ -106,6 +107,14 @@ def test_export_hf_keeps_every_probability(tmp_path, text_shards):
     generated = hf["generated"][0]
     assert len(generated) == 21 and generated[0] == eos and max(generated) < codec.vocab_size
 
+    # and back: the HF directory's tokenizer shards the same tokens, its weights warm-start arpipe's model
+    assert TextCodec.load(out).tokenizer.get_vocab() == codec.tokenizer.get_vocab()
+    assert TextCodec.load(out).eos_token == "<|endoftext|>"
+    again, cfg, _ = fresh(text_shards, block_len=block_len)
+    warm_start(again, cfg, out, codec)
+    with torch.no_grad():
+        torch.testing.assert_close(-again.eval().token_nll(x), ours, rtol=0, atol=1e-5)
+
 
 def test_export_hf_refuses_what_transformers_cannot_carry(tmp_path, text_shards):
     export = random_export(tmp_path / "export", text_shards, cfg={"name": "gru", "n_layer": 1, "d_model": 16})
@@ -154,6 +163,29 @@ def test_init_from_a_transformers_gpt2(tmp_path, text_shards):
         theirs = hf(torch.cat([torch.full((3, 1), bos), x[:, :-1]], 1)).logits.log_softmax(-1)
         ours = model.eval()(x).log_softmax(-1)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def save_gpt2(directory, vocab_size, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                               **config)).save_pretrained(directory)
+
+
+def test_init_from_gpt2s_tanh_gelu_warns(tmp_path, text_shards, monkeypatch):
+    model, cfg, codec = fresh(text_shards)
+    save_gpt2(tmp_path / "gpt2", codec.vocab_size)  # GPT2Config's default activation: gelu_new
+    warnings = []
+    monkeypatch.setattr(LOG, "warning", lambda message, *args: warnings.append(message % args))
+    warm_start(model, cfg, tmp_path / "gpt2", codec)
+    assert len(warnings) == 1 and "activation gelu_new is approximated by arpipe's exact GELU" in warnings[0]
+
+
+def test_init_from_refuses_an_untied_gpt2(tmp_path, text_shards):
+    model, cfg, codec = fresh(text_shards)
+    save_gpt2(tmp_path / "gpt2", codec.vocab_size, activation_function="gelu", tie_word_embeddings=False)
+    with pytest.raises(ArpipeError, match="has an output head apart from its embeddings; arpipe's GPT ties them"):
+        warm_start(model, cfg, tmp_path / "gpt2", codec)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -270,6 +302,19 @@ def test_eos_token_must_be_a_special_token(tmp_path, corpus):
     tokenizer = byte_level([p.read_text() for p in sorted(corpus.glob("*.txt"))], ["<|endoftext|>"])
     with pytest.raises(ArpipeError, match="Ġthe is not a special token of the tokenizer, so text could produce it"):
         TextCodec(tokenizer, "Ġthe")
+
+
+@pytest.mark.parametrize("change, first_difference", [
+    ({"normalizer": normalizers.NFKC()}, "😀 ﬁx² <b>&am' decodes as 'μέγα 中文 😀 fix2 <b>&a'"),  # ligature and superscript folded
+    ({"decoder": None}, "' Hello WOR' decodes as 'Ġ H e l lo'"),  # no decoder: byte-level symbols joined by spaces
+])
+def test_lossy_tokenizers_are_refused(corpus, change, first_difference):
+    tokenizer = byte_level([p.read_text() for p in sorted(corpus.glob("*.txt"))], ["<|endoftext|>"])
+    for key, value in change.items():
+        setattr(tokenizer, key, value)
+    with pytest.raises(ArpipeError, match="tokenizer is not lossless") as error:
+        TextCodec(tokenizer)
+    assert first_difference in str(error.value)
 
 
 def test_a_tokenizer_that_is_not_lossless_is_refused(tmp_path, corpus):
