@@ -44,9 +44,9 @@ def gpt2_names(n_layer: int) -> list[tuple[str, str, bool]]:
              ("ln_f.weight", "transformer.ln_f.weight", False), ("ln_f.bias", "transformer.ln_f.bias", False)]
     for i in range(n_layer):
         a, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs, transposed in [("ln1", "ln_1", False), ("ln2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
-                                         ("attn.proj", "attn.c_proj", True), ("mlp.0", "mlp.c_fc", True),
-                                         ("mlp.2", "mlp.c_proj", True)]:
+        for ours, theirs, transposed in [("ln1", "ln_1", False), ("ln2", "ln_2", False),
+                                         ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+                                         ("mlp.0", "mlp.c_fc", True), ("mlp.2", "mlp.c_proj", True)]:
             names.append((a + ours + ".weight", h + theirs + ".weight", transposed))
             names.append((a + ours + ".bias", h + theirs + ".bias", False))
     return names
@@ -173,7 +173,8 @@ def read_hf(path: Path) -> tuple[dict, int, dict[str, torch.Tensor]]:
     state = {k: v.float().contiguous() for k, v in state.items()}
     head = weights.get("lm_head.weight")
     if head is not None and not torch.equal(head.float(), state["wte.weight"]):
-        raise ArpipeError(f"train.init_from {path} has an output head apart from its embeddings; arpipe's GPT ties them")
+        raise ArpipeError(f"train.init_from {path} has an output head apart from its embeddings; "
+                          f"arpipe's GPT ties them")
     state["head.weight"] = state["wte.weight"]
     vocab_size = state["wte.weight"].shape[0]
 
@@ -194,7 +195,9 @@ def read_hf(path: Path) -> tuple[dict, int, dict[str, torch.Tensor]]:
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     weights = {}
     for name in files:
         file = path / name
