@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--seed", type=int, default=0)
 
+    export_hf = sub.add_parser("export-hf", help="write a text GPT as a Hugging Face transformers model directory",
+                               description="Write a text GPT as a transformers GPT2LMHeadModel directory with its "
+                               "tokenizer (AutoModelForCausalLM / AutoTokenizer.from_pretrained load it): the "
+                               "end-of-document token is also the BOS the tokenizer puts first, and carries the "
+                               "model's start vector, so every probability is arpipe's.")
+    export_hf.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    export_hf.add_argument("--out", required=True, type=Path, help="directory for the transformers files")
+
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
                             "artifacts; point runs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.")
@@ -181,6 +189,10 @@ def run(argv: list[str]) -> None:
 
         for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "export-hf":
+        from pipeline.hf import export_hf
+
+        print(export_hf(args.model, args.out))
     elif args.command == "mlflow-server":
         from pipeline.tracking import serve
 

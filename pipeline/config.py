@@ -51,6 +51,9 @@ class TrainConfig(Section):
     max_nonfinite: int = 5  # steps in a row with a non-finite loss before the run stops (each is skipped)
     # debug: [rank, batch] pairs (batch = 1-based count that rank drew) whose loss becomes NaN
     inject_nonfinite: list[tuple[int, int]] = []
+    # starting weights of a fresh run (a resumed run continues from its checkpoint): an arpipe export,
+    # run or checkpoint, or an HF GPT-2 directory; the optimizer and the step start fresh
+    init_from: str | None = None
 
 
 class TrackingConfig(Section):

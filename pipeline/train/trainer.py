@@ -154,6 +154,10 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.world)
         self.checkpoints = Checkpoints(self.out / "checkpoints", self.rank, cfg.train.keep_last)
         saved = self.checkpoints.saved_state()
+        if cfg.train.init_from and not saved:  # a resumed run continues from its checkpoint instead
+            from pipeline.hf import warm_start
+
+            warm_start(self.model, cfg.model, cfg.train.init_from, self.codec)
         # ZeRO partitions are per rank: another world size loads through a universal checkpoint
         universal = bool(saved) and saved["world_size"] != self.world and cfg.train.zero_stage > 0
         if universal:
