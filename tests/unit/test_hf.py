@@ -66,7 +66,7 @@ def random_export(directory, shards_dir, cfg=GPT, block_len=64, seed=0):
             p.add_(torch.randn_like(p) * 0.3)
     state = {k: v.detach() for k, v in model.named_parameters()}
     return save_export(directory, state, model_config(cfg).model_dump(), shards.codec.vocab_size, (block_len,),
-                       shards.manifest["codec"], shards.dir, {"step": 0, "data": str(shards.dir)})
+                       shards.manifest["codec"], shards.meta_dir, {"step": 0, "data": shards.dir})
 
 
 def val_documents(shards_dir, n=8) -> list[np.ndarray]:
