@@ -16,6 +16,7 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "sampling": [],
     "gpu": ["--cases", "gpt-bare", "pixelcnn"],
     "loss_memory": [],
+    "s3": [],
 }
 
 
