@@ -79,9 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--length", type=_positive,
+                        help="variables per sample (tokens, audio samples), prompt included (default: the "
+                             "model's block_len); beyond it GPT and Llama slide their context window (--stride), "
+                             "WaveNet and GRU run on, image and classic models refuse")
+    sample.add_argument("--stride", type=_positive,
+                        help="for --length beyond a GPT's or Llama's context: the window moves on this many "
+                             "variables when full, so each sees at least block_len - stride before it, the "
+                             "conditionals `arpipe eval --stride` scores (default: block_len // 2)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
+    sample.add_argument("--top-k", type=int, help="draw from the k most likely values only")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
 
     export_hf = sub.add_parser("export-hf", help="write a text GPT as a Hugging Face transformers model directory",
                                description="Write a text GPT as a transformers GPT2LMHeadModel directory with its "
@@ -175,7 +183,8 @@ def run(argv: list[str]) -> None:
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text
 
-        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
+        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out,
+                                args.length, args.stride):
             print(path.read_text() if path.suffix == ".txt" else path)
     elif args.command == "export-hf":
         from pipeline.hf import export_hf

@@ -53,6 +53,8 @@ class GatedLayer(nn.Module):
 
 class WaveNet(ARModel):
     Config = WaveNetConfig
+    long_samples = "native"
+    checkpointed = "each gated layer"
 
     def __init__(self, cfg: WaveNetConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)
@@ -68,14 +70,14 @@ class WaveNet(ARModel):
     def summary(self) -> dict:
         return {"receptive_field": self.receptive_field}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.to_sequence(x)
         B, T = x.shape
         h = torch.cat([self.start_vector.expand(B, 1, -1), self.embed(x[:, :-1])], 1)  # (B, T, channels)
         skips = 0
         for layer in self.layers:
             past = F.pad(h, (0, 0, layer.dilation, 0))[:, :T]  # h shifted by d; zeros before the start
-            h, skip = layer(past, h)
+            h, skip = self.run_block(layer, past, h)
             skips = skips + skip
         return self.from_sequence(self.head(skips))
 
