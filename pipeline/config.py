@@ -48,7 +48,7 @@ class TrainConfig(Section):
     max_nonfinite: int = 5  # non-finite losses in a row before the run stops (each batch is skipped)
     inject_nonfinite: list[int] = []  # debug: batches (1-based count drawn) whose loss becomes NaN
     # starting weights of a fresh run (a resumed run continues from its checkpoint): an arpipe export,
-    # run or checkpoint, or an HF GPT-2 directory; the optimizer and the step start fresh
+    # run or checkpoint, or an HF GPT-2 or Llama directory; the optimizer and the step start fresh
     init_from: str | None = None
 
 
