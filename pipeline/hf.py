@@ -49,9 +49,9 @@ def gpt2_names(n_layer: int) -> list[tuple[str, str, bool]]:
              ("ln_f.weight", "transformer.ln_f.weight", False), ("ln_f.bias", "transformer.ln_f.bias", False)]
     for i in range(n_layer):
         a, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for ours, theirs, transposed in [("ln1", "ln_1", False), ("ln2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
-                                         ("attn.proj", "attn.c_proj", True), ("mlp.0", "mlp.c_fc", True),
-                                         ("mlp.2", "mlp.c_proj", True)]:
+        for ours, theirs, transposed in [("ln1", "ln_1", False), ("ln2", "ln_2", False),
+                                         ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+                                         ("mlp.0", "mlp.c_fc", True), ("mlp.2", "mlp.c_proj", True)]:
             names.append((a + ours + ".weight", h + theirs + ".weight", transposed))
             names.append((a + ours + ".bias", h + theirs + ".bias", False))
     return names
@@ -228,7 +228,8 @@ def read_hf(path: Path) -> tuple[dict, int, dict[str, torch.Tensor]]:
     readers = {"gpt2": read_gpt2, "llama": read_llama}
     kind = config.get("model_type")
     if kind not in readers:
-        raise ArpipeError(f"train.init_from {path} is a {kind!r} model; arpipe reads {' and '.join(readers)} checkpoints")
+        raise ArpipeError(f"train.init_from {path} is a {kind!r} model; arpipe reads "
+                          f"{' and '.join(readers)} checkpoints")
     weights = read_safetensors(path)
     vocab_size = config["vocab_size"]
     bos = configured_token(path, "bos_token")
@@ -265,7 +266,8 @@ def read_gpt2(path: Path, config: dict, weights: dict, bos: int) -> tuple[dict, 
         state[ours] = tensor.T if transposed else tensor
     head = weights.get("lm_head.weight")
     if head is not None and not torch.equal(head, state["wte.weight"]):
-        raise ArpipeError(f"train.init_from {path} has an output head apart from its embeddings; arpipe's GPT ties them")
+        raise ArpipeError(f"train.init_from {path} has an output head apart from its embeddings; "
+                          f"arpipe's GPT ties them")
     state["head.weight"] = state["wte.weight"]
     state["start_vector"] = state["wte.weight"][bos]
     return {"name": "gpt", "n_layer": n_layer, "n_head": config["n_head"], "d_model": d}, state
@@ -298,7 +300,9 @@ def read_llama(path: Path, config: dict, weights: dict, bos: int) -> tuple[dict,
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """model.safetensors, or the shards listed in model.safetensors.index.json."""
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     weights = {}
     for name in files:
         file = path / name

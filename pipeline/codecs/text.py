@@ -112,8 +112,9 @@ class TextCodec(Codec):
         group.add_argument("--vocab-size", type=int, default=8192, help="train a tokenizer of this size (default 8192)")
         group.add_argument("--tokenizer", help="use this tokenizer instead of training one: a tokenizer.json or an HF "
                            "tokenizer directory (tokenizer.json with tokenizer_config.json / special_tokens_map.json)")
-        parser.add_argument("--eos-token", help="with --tokenizer: its end-of-document token, e.g. '</s>' (default: the "
-                            "eos_token of its tokenizer_config.json or special_tokens_map.json, else <|endoftext|>)")
+        parser.add_argument("--eos-token", help="with --tokenizer: its end-of-document token, e.g. '</s>' (default: "
+                            "the eos_token of its tokenizer_config.json or special_tokens_map.json, else "
+                            "<|endoftext|>)")
         parser.add_argument("--tokenizer-train-mb", type=float, default=500.0,
                             help="MB of training-split text the tokenizer is trained on (default 500)")
 

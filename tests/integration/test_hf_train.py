@@ -33,7 +33,8 @@ def test_fine_tune_an_export_then_resume(tmp_path, train_config, text_shards):
     assert read_metrics(run)[0]["loss"] == pytest.approx(expected, abs=1e-5)
 
     # resumed: the checkpoint wins; an init_from that would be refused (another shape) is not read
-    other = random_export(tmp_path / "other", text_shards, cfg={"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32})
+    other = random_export(tmp_path / "other", text_shards,
+                          cfg={"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32})
     arpipe("train", "--config", train_config, f"out_dir={run}", f"train.init_from={other}", "train.steps=3")
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
 

@@ -93,7 +93,7 @@ def test_export_hf_keeps_every_probability(tmp_path, text_shards, cfg, architect
     # a document with its EOS where it fits; the first block_len tokens of a longer one
     targets = [np.append(d, eos)[:block_len] for d in docs]
     assert any(t[-1] == eos for t in targets) and any(t[-1] != eos for t in targets)
-    texts = [codec.decode(d) for d in docs] + ["A <|endoftext|> inside text is text, as in the shards."]
+    texts = [codec.decode(d) for d in docs] + ["A <|endoftext|> inside text is text, as in the shards; so is ÿ."]
     hf = hf_side(tmp_path, out, texts, [[bos, *t.tolist()] for t in targets])
 
     assert hf["class"] == architecture
@@ -281,7 +281,8 @@ def llama3_like(directory, texts):
     directory.mkdir()
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
     return tokenizer
 
 
@@ -350,7 +351,8 @@ def test_eos_token_must_be_a_special_token(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("change, first_difference", [
-    ({"normalizer": normalizers.NFKC()}, "😀 ﬁx² <b>&am' decodes as 'μέγα 中文 😀 fix2 <b>&a'"),  # ligature and superscript folded
+    # NFKC folds the ligature and the superscript
+    ({"normalizer": normalizers.NFKC()}, "😀 ﬁx² <b>&am' decodes as 'μέγα 中文 😀 fix2 <b>&a'"),
     ({"decoder": None}, "' Hello WOR' decodes as 'Ġ H e l lo'"),  # no decoder: byte-level symbols joined by spaces
 ])
 def test_lossy_tokenizers_are_refused(corpus, change, first_difference):
