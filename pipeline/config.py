@@ -39,14 +39,18 @@ class TrainConfig(Section):
     steps: int = 1000  # optimizer steps
     grad_accum: int = 1
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16: DeepSpeed's bf16 weights with fp32 master weights in its optimizer wrapper;
+    # bf16-autocast: fp32 weights, forward under torch.autocast(bfloat16), the optimizer on fp32
+    # directly (DeepSpeed's torch_autocast) — the plain PyTorch recipe (benchmarks/gpu.py compares)
+    precision: Literal["fp32", "bf16", "bf16-autocast"] = "fp32"
     compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile()); for GPUs
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3  # checkpoints kept on disk
-    eval_every: int = 0  # validation NLL every N steps (0: only at the end)
-    max_nonfinite: int = 5  # non-finite losses in a row before the run stops (each batch is skipped)
-    inject_nonfinite: list[int] = []  # debug: batches (1-based count drawn) whose loss becomes NaN
+    eval_every: int = 0  # validation NLL every N steps, and always at the end (0: only at the end)
+    max_nonfinite: int = 5  # steps in a row with a non-finite loss before the run stops (each is skipped)
+    # debug: [rank, batch] pairs (batch = 1-based count that rank drew) whose loss becomes NaN
+    inject_nonfinite: list[tuple[int, int]] = []
     # starting weights of a fresh run (a resumed run continues from its checkpoint): an arpipe export,
     # run or checkpoint, or an HF GPT-2 or Llama directory; the optimizer and the step start fresh
     init_from: str | None = None

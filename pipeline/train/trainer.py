@@ -8,8 +8,11 @@
   Trainer.train_step one optimizer step = `train.grad_accum` micro-batches per rank
   Trainer.finish     final checkpoint, eval and export
 
-Every micro-batch all-reduces one small tensor (loss sum, a non-finite flag, a stop request) so
-all ranks agree on skipping a bad batch and on stopping for a signal at the same step.
+The loop never waits for the device inside an optimizer step: each micro-batch adds its loss
+and a non-finite flag to a device tensor, and once per optimizer step one all-reduce of that
+tensor (with the stop request) overlaps the last backward pass; its one read-back decides, on
+every rank alike, whether the update is applied or the whole step is skipped (a non-finite loss
+on any rank) and whether to stop for a signal.
 """
 
 import hashlib
@@ -19,20 +22,21 @@ import os
 import signal
 import subprocess
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from pipeline import ArpipeError, __version__
 from pipeline.config import Config
 from pipeline.data.shards import Shards
 from pipeline.data.stream import Batches, TokenStream
 from pipeline.export import full_fp32_state, save_export
-from pipeline.log import LOG, setup_logging
+from pipeline.log import LOG, Progress, duration, setup_logging
 from pipeline.models import build_model, check_ordering
 from pipeline.tracking import Tracker, ui_command
 from pipeline.train.checkpoint import Checkpoints, rng_state, set_rng_state
@@ -91,6 +95,28 @@ class StopRequest:
         self.requested = True
 
 
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this rank's torch RNG (dropout, MADE's orderings) with a stream of its own: ranks
+    that drew the same numbers would all drop the same units. A run started at `step` with no
+    saved RNG state for this rank (a new world size) gets its own stream too."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
+def allow_skipping_updates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Let the trainer turn DeepSpeed's update at the end of a step into a no-op: with
+    `optimizer.apply_updates = False`, every call of its step() (ZeRO-3 calls it once per
+    parameter sub-group) changes nothing, while DeepSpeed still clears the step's gradients.
+    An instance attribute rather than a subclass: DeepSpeed's ZeRO accepts torch's AdamW by type."""
+    step = optimizer.step
+    optimizer.apply_updates = True
+
+    def gated_step(self, *args, **kwargs):
+        return step(*args, **kwargs) if self.apply_updates else None
+
+    optimizer.step = types.MethodType(gated_step, optimizer)  # a method: LR schedulers wrap `step.__func__`
+    return optimizer
+
+
 def start_deepspeed():
     import deepspeed
 
@@ -117,14 +143,15 @@ class Trainer:
         self.codec = self.shards.codec
         self.shape = self.codec.model_shape(cfg.data.block_len)
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, self.codec.vocab_size, self.shape)
         check_ordering(self.model, self.shards.manifest["codec"], self.shards.dir)
+        seed_rank(cfg.seed, self.rank)
         # torch's AdamW (no JIT build, bitwise resume); the fused CUDA kernel on GPUs, where the
         # per-tensor loop made the optimizer step dominate a 124M GPT's step (benchmarks/RESULTS.md)
-        optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                      fused=torch.cuda.is_available() or None)
+        self.optimizer = allow_skipping_updates(torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+            eps=cfg.optim.eps, fused=torch.cuda.is_available() or None))
         self.ds_config = deepspeed_config(cfg, self.world)
         self.checkpoints = Checkpoints(self.out / "checkpoints", self.rank, cfg.train.keep_last)
         saved = self.checkpoints.saved_state()
@@ -137,7 +164,7 @@ class Trainer:
         if universal:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=self.ds_config,
+            model=self.model, optimizer=self.optimizer, config=self.ds_config,
             # the schedule is a pure function of the step; LambdaLR keeps it in DeepSpeed's checkpoint
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.optim.lr))
         if cfg.train.compile:  # the first steps compile the forward and backward graphs
@@ -159,8 +186,8 @@ class Trainer:
             self.batches.load_state_dict([r["data"] for r in state["ranks"]], self.rank)
             if state["world_size"] == self.world:
                 set_rng_state(state["ranks"][self.rank]["rng"])
-            else:  # new ranks: a fresh, distinct stream (only dropout draws from it)
-                torch.manual_seed(self.cfg.seed + 1000 * self.step + self.rank)
+            else:  # another world size: each rank a fresh stream of its own
+                seed_rank(self.cfg.seed, self.rank, self.step)
         return state
 
     def _start_tracking(self) -> Tracker:
@@ -170,6 +197,9 @@ class Trainer:
                           run_name=cfg.tracking.run_name or self.out.name, active=self.rank == 0,
                           fallback=self.out / "mlflow-unsent.jsonl", flush_every=cfg.tracking.flush_every,
                           close_timeout=cfg.tracking.close_timeout)
+        # a killed run may have sent metrics past the checkpoint it resumes from: they are logged
+        # once (the resumed run recomputes the same losses bitwise), never twice
+        self.logged_through = tracker.last_step("train/loss_nats") if self.resumed else 0
         if self.rank != 0:
             return tracker
         self.out.mkdir(parents=True, exist_ok=True)
@@ -199,56 +229,74 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", disable=self.rank != 0 or None,
-                   dynamic_ncols=True)
-        self.nonfinite = 0  # non-finite losses in a row
+        # a bar on a terminal; in a Slurm .out file or a pipe, log() writes a line per log_every steps
+        self.progress = Progress(cfg.train.steps, "train", unit="step", initial=self.step, active=self.rank == 0,
+                                 line_every=float("inf"))
+        self.nonfinite = 0  # skipped steps in a row
         self.window_start, self.window_steps = time.perf_counter(), 0
+        self.run_start, self.run_first_step = time.perf_counter(), self.step
         self.engine.train()
         while self.step < cfg.train.steps:
             loss, stop = self.train_step()
+            if loss is None:  # skipped: the same step again, on new batches
+                continue
             self.step += 1
-            bar.update(1)
-            self.log(loss, bar)
+            self.progress.update(1)
+            self.log(loss)
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
             if self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
                 self.save()
             if stop:  # a rank got SIGTERM/SIGUSR1: save and leave; the requeued job resumes
-                bar.close()
+                self.progress.close()
                 return self.leave_for_signal()
-        bar.close()
+        self.progress.close()
         return self.finish()
 
-    def train_step(self) -> tuple[float, bool]:
-        """One optimizer step; returns the mean loss over ranks and micro-batches, and whether a
-        rank was asked to stop. A micro-batch with a non-finite loss on any rank is skipped on all."""
+    def train_step(self) -> tuple[float | None, bool]:
+        """One optimizer step of `train.grad_accum` micro-batches per rank. Returns the mean loss
+        over ranks and micro-batches (None if the step was skipped because a loss was not
+        finite on some rank) and whether a rank was asked to stop."""
         cfg, engine, model = self.cfg, self.engine, self.model
-        loss_sum, stop_flag, micro = 0.0, 0.0, 0
-        while micro < cfg.train.grad_accum:
+        sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # finite loss sum, non-finite count
+        for micro in range(cfg.train.grad_accum):
             x = next(self.batches).to(engine.device, non_blocking=True)  # (batch, variables in the data's ordering)
             inputs = model.from_data(x)
             logits = model.to_sequence(engine(inputs))  # (batch, variables in the model's ordering, vocab)
             loss = F.cross_entropy(logits.float().flatten(0, 1), model.to_sequence(inputs).flatten())
-            if self.batches.consumed in cfg.train.inject_nonfinite:
+            if (self.rank, self.batches.consumed) in cfg.train.inject_nonfinite:
                 loss = loss * float("nan")
-            finite = bool(torch.isfinite(loss))
-            flags = torch.tensor([loss.item() if finite else 0.0, float(not finite), float(self.stop.requested)],
-                                 dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors
-            dist.all_reduce(flags)
-            if flags[1] > 0:  # any rank saw a non-finite loss: no rank learns from this micro-batch
-                self._skip_nonfinite()
-                continue
-            self.nonfinite = 0
+            bad = ~torch.isfinite(loss.detach())
+            sums += torch.stack([torch.where(bad, 0.0, loss.detach()).double(), bad.double()])
+            if micro == cfg.train.grad_accum - 1:  # the step's one reduction, overlapping the last backward
+                flags = torch.cat([sums, torch.tensor([float(self.stop.requested)], dtype=torch.float64)
+                                   .to(engine.device, non_blocking=True)])
+                reduced = dist.all_reduce(flags, async_op=True)
             engine.backward(loss)
-            engine.step()
-            loss_sum += flags[0].item()
-            stop_flag = max(stop_flag, flags[2].item())
-            micro += 1
-        return loss_sum / (cfg.train.grad_accum * self.world), stop_flag > 0
+            if micro < cfg.train.grad_accum - 1:
+                engine.step()  # accumulates; DeepSpeed updates only at the step's last micro-batch
+        reduced.wait()
+        loss_sum, nonfinite, stop = flags.tolist()  # the step's one read-back
+        self.optimizer.apply_updates = nonfinite == 0
+        engine.step()
+        self.optimizer.apply_updates = True
+        if nonfinite:
+            self._skipped_step()
+            return None, stop > 0
+        self.nonfinite = 0
+        return loss_sum / (cfg.train.grad_accum * self.world), stop > 0
 
-    def _skip_nonfinite(self) -> None:
+    def _skipped_step(self) -> None:
+        """A step whose update was not applied: put the schedule back a step, count, maybe stop."""
+        if self.engine.was_step_applied():  # DeepSpeed stepped the schedule for the update we dropped
+            scheduler = self.scheduler
+            scheduler.last_epoch -= 1
+            scheduler._last_lr = [base * lr_at(scheduler.last_epoch, self.cfg) / self.cfg.optim.lr
+                                  for base in scheduler.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, scheduler._last_lr):
+                group["lr"] = lr
         self.nonfinite += 1
-        LOG.warning("step %d: non-finite loss, batch skipped (%d in a row, limit %d)",
+        LOG.warning("step %d: non-finite loss, step skipped on every rank (%d in a row, limit %d)",
                     self.step + 1, self.nonfinite, self.cfg.train.max_nonfinite)
         if self.nonfinite >= self.cfg.train.max_nonfinite:
             self.tracker.close("FAILED")
@@ -257,28 +305,38 @@ class Trainer:
                 f"checkpoint is {self.checkpoints.latest() or 'none'} (lower optim.lr or check the data, "
                 f"then resume)")
 
-    def log(self, loss: float, bar) -> None:
-        """Every train.log_every steps: metrics to MLflow and the progress bar; every step: metrics.jsonl."""
+    def log(self, loss: float) -> None:
+        """Every train.log_every steps: metrics to MLflow, and a line to the log where no progress
+        bar shows (a batch job's .out file); every step: OUT/metrics.jsonl."""
         cfg, step = self.cfg, self.step
         self.window_steps += 1
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - self.window_start
+            now = time.perf_counter()
             grad_norm = self.engine.get_global_grad_norm()
-            tokens_per_step = self.tokens_per_step
+            tokens_per_s = self.window_steps * self.tokens_per_step / (now - self.window_start)
             metrics = {"train/loss_nats": loss, "train/loss_bits": loss / math.log(2),
                        "train/lr": self.scheduler.get_last_lr()[0],
                        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "train/tokens_per_s": self.window_steps * tokens_per_step / elapsed,
-                       "train/samples_per_s": self.window_steps * tokens_per_step / self.model.num_vars / elapsed}
+                       "train/tokens_per_s": tokens_per_s, "train/samples_per_s": tokens_per_s / self.model.num_vars}
             if self.peak_flops:  # model FLOPs utilisation, GPUs only
-                metrics["train/mfu"] = (metrics["train/tokens_per_s"] * self.model.train_flops_per_variable()
-                                        / (self.peak_flops * self.world))
-            self.tracker.log_metrics(metrics, step)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-            self.window_start, self.window_steps = time.perf_counter(), 0
+                metrics["train/mfu"] = tokens_per_s * self.model.train_flops_per_variable() / (self.peak_flops * self.world)
+            self._track(metrics)
+            if self.progress.bar is not None:
+                self.progress.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            else:
+                per_step = (now - self.run_start) / (step - self.run_first_step)
+                mfu = f", MFU {metrics['train/mfu']:.1%}" if "train/mfu" in metrics else ""
+                LOG.info("step %d/%d: loss %.4f nats (%.4f bits), lr %.3g, %.0f tokens/s%s, ETA %s", step,
+                         cfg.train.steps, loss, loss / math.log(2), metrics["train/lr"], tokens_per_s, mfu,
+                         duration(per_step * (cfg.train.steps - step)))
+            self.window_start, self.window_steps = now, 0
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}) + "\n")
+
+    def _track(self, metrics: dict) -> None:
+        if self.step > self.logged_through:
+            self.tracker.log_metrics(metrics, self.step)
 
     def save(self) -> None:
         """A checkpoint of this step (collective)."""
@@ -297,7 +355,7 @@ class Trainer:
                               self.cfg.eval.batch_size, rank=self.rank, world=self.world,
                               max_chunks=self.cfg.eval.max_chunks)
         self.engine.train()
-        self.tracker.log_metrics({f"val/{k}": v for k, v in headline(result).items()}, self.step)
+        self._track({f"val/{k}": v for k, v in headline(result).items()})
         LOG.info("step %d: val %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in headline(result).items()))
         return result
 
@@ -316,7 +374,7 @@ class Trainer:
         cfg = self.cfg
         if self.checkpoints.latest() != f"step_{self.step:08d}":
             self.save()
-        final = self.evaluate() if cfg.train.eval_every else {}
+        final = self.evaluate()  # also with train.eval_every 0: the run ends with its validation figure
         state_dict = full_fp32_state(self.engine.module)
         if self.rank == 0:
             export = save_export(self.out / "export", state_dict, cfg.model, self.codec.vocab_size, self.shape,
