@@ -100,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, help="draw from the k most likely values only")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
 
-    export_hf = sub.add_parser("export-hf", help="write a text GPT as a Hugging Face transformers model directory",
-                               description="Write a text GPT as a transformers GPT2LMHeadModel directory with its "
-                               "tokenizer (AutoModelForCausalLM / AutoTokenizer.from_pretrained load it): the "
-                               "end-of-document token is also the BOS the tokenizer puts first, and carries the "
-                               "model's start vector, so every probability is arpipe's.")
+    export_hf = sub.add_parser("export-hf", help="write a text GPT or Llama as a Hugging Face transformers directory",
+                               description="Write a text GPT or Llama as a transformers GPT2LMHeadModel or "
+                               "LlamaForCausalLM directory with its tokenizer (AutoModelForCausalLM / "
+                               "AutoTokenizer.from_pretrained load it). The BOS the tokenizer puts first carries "
+                               "the model's start vector and no token is added, so every probability is arpipe's.")
     export_hf.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
     export_hf.add_argument("--out", required=True, type=Path, help="directory for the transformers files")
 

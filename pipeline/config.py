@@ -53,7 +53,7 @@ class TrainConfig(Section):
     # debug: [rank, batch] pairs (batch = 1-based count that rank drew) whose loss becomes NaN
     inject_nonfinite: list[tuple[int, int]] = []
     # starting weights of a fresh run (a resumed run continues from its checkpoint): an arpipe export,
-    # run or checkpoint, or an HF GPT-2 directory; the optimizer and the step start fresh
+    # run or checkpoint, or an HF GPT-2 or Llama directory; the optimizer and the step start fresh
     init_from: str | None = None
 
 

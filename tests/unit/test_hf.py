@@ -14,12 +14,13 @@ from pipeline import ArpipeError
 from pipeline.codecs.text import TextCodec
 from pipeline.data.shards import Shards
 from pipeline.export import load_export, save_export
-from pipeline.hf import warm_start
+from pipeline.hf import input_free_token, warm_start
 from pipeline.log import LOG
 from pipeline.models import build_model, model_config
 from tests.conftest import ENV, arpipe
 
 GPT = {"name": "gpt", "n_layer": 2, "n_head": 2, "d_model": 32}
+LLAMA = {"name": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 64}
 
 # Run in a process where arpipe cannot be imported: the export must stand on transformers alone.
 HF_SIDE = """
@@ -77,24 +78,28 @@ def val_documents(shards_dir, n=8) -> list[np.ndarray]:
     return docs[:n]
 
 
-def test_export_hf_keeps_every_probability(tmp_path, text_shards):
+@pytest.mark.parametrize("cfg, architecture, bos_token", [
+    (GPT, "GPT2LMHeadModel", "<|endoftext|>"),  # BOS = EOS, the start vector in position 0's embedding
+    ({**LLAMA, "tie_embeddings": True}, "LlamaForCausalLM", "ÿ"),  # byte 0xFF, which UTF-8 never holds
+])
+def test_export_hf_keeps_every_probability(tmp_path, text_shards, cfg, architecture, bos_token):
     block_len = 256
-    export = random_export(tmp_path / "export", text_shards, block_len=block_len)
+    export = random_export(tmp_path / "export", text_shards, cfg=cfg, block_len=block_len)
     out = tmp_path / "hf"
     arpipe("export-hf", "--model", export, "--out", out)
     model, codec, _ = load_export(export)
-    eos = codec.eos_id
+    eos, bos = codec.eos_id, codec.tokenizer.token_to_id(bos_token)
     docs = val_documents(text_shards)
     # a document with its EOS where it fits; the first block_len tokens of a longer one
     targets = [np.append(d, eos)[:block_len] for d in docs]
     assert any(t[-1] == eos for t in targets) and any(t[-1] != eos for t in targets)
     texts = [codec.decode(d) for d in docs] + ["A <|endoftext|> inside text is text, as in the shards; so is ÿ."]
-    hf = hf_side(tmp_path, out, texts, [[eos, *t.tolist()] for t in targets])
+    hf = hf_side(tmp_path, out, texts, [[bos, *t.tolist()] for t in targets])
 
-    assert hf["class"] == "GPT2LMHeadModel"
-    assert hf["bos"] == hf["eos"] == eos and hf["eos_token"] == "<|endoftext|>"
+    assert hf["class"] == architecture
+    assert hf["bos"] == bos and hf["eos"] == eos and hf["eos_token"] == "<|endoftext|>"
     for text, ids, back in zip(texts, hf["encoded"], hf["decoded"]):
-        assert ids == [eos, *codec.encode(text).tolist()]  # BOS first, then exactly arpipe's tokens
+        assert ids == [bos, *codec.encode(text).tolist()]  # BOS first, then exactly arpipe's tokens
         assert back == text
     x = torch.zeros(len(targets), block_len, dtype=torch.long)
     for i, t in enumerate(targets):
@@ -105,13 +110,13 @@ def test_export_hf_keeps_every_probability(tmp_path, text_shards):
         assert len(theirs) == len(t)
         np.testing.assert_allclose(theirs, ours[i, : len(t)].numpy(), atol=1e-4, rtol=0)
     generated = hf["generated"][0]
-    assert len(generated) == 21 and generated[0] == eos and max(generated) < codec.vocab_size
+    assert len(generated) == 21 and generated[0] == bos and max(generated) < codec.vocab_size
 
     # and back: the HF directory's tokenizer shards the same tokens, its weights warm-start arpipe's model
     assert TextCodec.load(out).tokenizer.get_vocab() == codec.tokenizer.get_vocab()
     assert TextCodec.load(out).eos_token == "<|endoftext|>"
-    again, cfg, _ = fresh(text_shards, block_len=block_len)
-    warm_start(again, cfg, out, codec)
+    again, settings, _ = fresh(text_shards, cfg, block_len=block_len)
+    warm_start(again, settings, out, codec)
     with torch.no_grad():
         torch.testing.assert_close(-again.eval().token_nll(x), ours, rtol=0, atol=1e-5)
 
@@ -120,7 +125,7 @@ def test_export_hf_refuses_what_transformers_cannot_carry(tmp_path, text_shards)
     export = random_export(tmp_path / "export", text_shards, cfg={"name": "gru", "n_layer": 1, "d_model": 16})
     result = arpipe("export-hf", "--model", export, "--out", tmp_path / "hf", check=False)
     assert result.returncode == 2
-    assert "text GPT models only" in result.stderr and "arpipe eval" in result.stderr
+    assert "text GPT and Llama models only" in result.stderr and "arpipe eval" in result.stderr
     assert not (tmp_path / "hf").exists()
 
 
@@ -163,6 +168,46 @@ def test_init_from_a_transformers_gpt2(tmp_path, text_shards):
         theirs = hf(torch.cat([torch.full((3, 1), bos), x[:, :-1]], 1)).logits.log_softmax(-1)
         ours = model.eval()(x).log_softmax(-1)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_init_from_a_transformers_llama(tmp_path, text_shards, tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    codec = Shards(text_shards).codec
+    bos = 300
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=codec.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                      tie_word_embeddings=tied, bos_token_id=bos, eos_token_id=codec.eos_id)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    hf.save_pretrained(tmp_path / "llama")
+    settings = {**LLAMA, "rope_theta": 500000.0, "norm_eps": 1e-6, "tie_embeddings": tied}
+    model, cfg, _ = fresh(text_shards, {**settings, "n_kv_head": None})
+    with pytest.raises(ArpipeError, match=r"set model.n_kv_head=2$"):  # None means 4 heads here
+        warm_start(model, cfg, tmp_path / "llama", codec)
+    model, cfg, _ = fresh(text_shards, settings)
+    warm_start(model, cfg, tmp_path / "llama", codec)
+    x = torch.from_numpy(np.stack([d[:64] for d in val_documents(text_shards, 3)]))
+    with torch.no_grad():
+        theirs = hf(torch.cat([torch.full((3, 1), bos), x[:, :-1]], 1)).logits.log_softmax(-1)
+        ours = model.eval()(x).log_softmax(-1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_llama_bos_is_a_token_arpipe_never_reads(tmp_path, corpus):
+    """The tokenizer's own BOS where its post-processor adds one, else byte 0xFF."""
+    texts = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    llama3_like(tmp_path / "3", texts)
+    assert input_free_token(TextCodec.load(tmp_path / "3")) == ("<|begin_of_text|>", 0)
+    llama2_like(tmp_path / "2", texts)
+    assert input_free_token(TextCodec.load(tmp_path / "2")) == ("<s>", 1)
+    arpipes = TextCodec.train(texts, 400)
+    assert input_free_token(arpipes) == ("ÿ", arpipes.tokenizer.token_to_id("ÿ"))
+    assert input_free_token(arpipes)[1] not in arpipes.encode("".join(texts) + "ÿ Ÿ ÿÿ")
 
 
 def save_gpt2(directory, vocab_size, **config):
