@@ -9,9 +9,9 @@ norms 1). Causal attention is torch's scaled_dot_product_attention: flash attent
 
 Parameter names are HF's (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, …,
 `model.norm`, `lm_head`) plus `start_vector`: position 0's input, a learned vector instead of a
-BOS token, as in gpt.py. A Hugging Face checkpoint is these weights with the start vector as the
-embedding row of one added BOS token at position 0: RoPE positions then agree, since position
-p's input is x_{p-1} here and the token after BOS there.
+BOS token, as in gpt.py. A Hugging Face checkpoint (`arpipe export-hf`, pipeline/hf.py) is these
+weights with the start vector as the input embedding row of a BOS token at position 0: RoPE
+positions then agree, since position p's input is x_{p-1} here and the token after BOS there.
 
 Sampling keeps a KV cache of n_kv_head heads. RoPE has no table that ends, but a sample longer
 than the training context slides a window (base.py's `sample`) so positions stay in the range
