@@ -40,7 +40,7 @@ def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batc
         check_ordering(model, shards.manifest["codec"], shards.dir)
         if shards.manifest["codec"] != codec.config():
             raise ArpipeError(f"{path} was tokenised with another codec than the model was trained on "
-                              f"(compare codec in {shards.dir / 'manifest.json'})")
+                              f"(compare codec in {shards.dir}/manifest.json)")
     shards = next(iter(sources.values()))  # samples and completions start from its items
     block_len = meta["shape"][0]  # sequences: the model's context; images: ignored by the codec
     step = meta.get("step", 0)
