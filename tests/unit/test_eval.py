@@ -27,7 +27,7 @@ def sliding_log_prob(model, sequences: torch.Tensor, stride: int) -> torch.Tenso
     return -(nll * mask).sum((1, 2))
 
 
-@pytest.mark.parametrize("name", ["gpt", "gru", "wavenet", "fvsbn"])
+@pytest.mark.parametrize("name", ["gpt", "llama", "gru", "wavenet", "fvsbn"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_the_sliding_window_model_is_normalised(name, stride):
     """A window of 3 slid over sequences of 7: each conditional depends on earlier tokens only,
