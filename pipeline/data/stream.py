@@ -348,13 +348,16 @@ def windows(length: int, block_len: int, stride: int) -> tuple[np.ndarray, np.nd
     return begin, lo, hi
 
 
-def window_rows(sequence: np.ndarray, block_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """A sequence's sliding windows as rows (windows, block_len), padded past its end, and the
-    mask of the positions each row scores."""
+def window_rows(sequence: np.ndarray, block_len: int, stride: int, size: int):
+    """A sequence's sliding windows as rows (≤ size, block_len), padded past its end, each with
+    the mask of the positions it scores; `size` windows at a time, so that memory stays bounded
+    whatever the stride."""
     begin, lo, hi = windows(len(sequence), block_len, stride)
     padded = np.concatenate([sequence, np.zeros(block_len, sequence.dtype)])
     offset = np.arange(block_len)
-    return gather_rows(padded, begin, block_len), (offset >= (lo - begin)[:, None]) & (offset < (hi - begin)[:, None])
+    for i in range(0, len(begin), size):
+        b, first, end = begin[i : i + size, None], lo[i : i + size, None], hi[i : i + size, None]
+        yield gather_rows(padded, b[:, 0], block_len), (offset >= first - b) & (offset < end - b)
 
 
 def eval_blocks(shards: Shards, split: str, block_len: int, batch_size: int, *, rank: int = 0,
@@ -379,16 +382,14 @@ def eval_blocks(shards: Shards, split: str, block_len: int, batch_size: int, *, 
         else:
             sequences = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         for sequence in sequences:
-            x, mask = window_rows(sequence, T, stride)
-            rows.append(x)
-            masks.append(mask)
-            count += len(x)
-            if count >= batch_size:
-                x, mask = np.concatenate(rows).astype(np.int64), np.concatenate(masks)
-                full = count - count % batch_size
-                for i in range(0, full, batch_size):
-                    yield torch.from_numpy(x[i : i + batch_size]), torch.from_numpy(mask[i : i + batch_size])
-                rows, masks, count = [x[full:]], [mask[full:]], count - full
+            for x, mask in window_rows(sequence, T, stride, batch_size):
+                rows.append(x)
+                masks.append(mask)
+                count += len(x)
+                if count >= batch_size:
+                    x, mask = np.concatenate(rows).astype(np.int64), np.concatenate(masks)
+                    yield torch.from_numpy(x[:batch_size]), torch.from_numpy(mask[:batch_size])
+                    rows, masks, count = [x[batch_size:]], [mask[batch_size:]], count - batch_size
     if count:
         yield torch.from_numpy(np.concatenate(rows).astype(np.int64)), torch.from_numpy(np.concatenate(masks))
 
