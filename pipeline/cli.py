@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--seed", type=int, default=0)
 
+    comp = sub.add_parser("compress", help="compress files losslessly with a model's exact conditionals",
+                          description="Range-code files with a model's conditionals: text (any bytes), images "
+                          "(pixel-exact at 256 levels), audio (its μ-law stream). Decompress with the same model, "
+                          "versions and kind of machine (the file records them).")
+    comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    comp.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, directories or globs")
+    comp.add_argument("--out", required=True, help="the compressed file to write")
+    comp.add_argument("--batch", type=_positive, default=16, help="rows coded in parallel (recorded; default 16)")
+    comp.add_argument("--stride", type=_positive,
+                      help="variables coded per context window beyond the model's length (default: half of it)")
+    comp.add_argument("--threads", type=_positive, default=1,
+                      help="torch threads (recorded: decompression uses the same; default 1)")
+
+    decomp = sub.add_parser("decompress", help="restore the files of an `arpipe compress` file")
+    decomp.add_argument("file", help="the compressed file")
+    decomp.add_argument("--model", required=True, help="the model it was compressed with")
+    decomp.add_argument("--out", required=True, help="directory for the restored files")
+
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
                             "artifacts; point runs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.")
@@ -169,6 +187,15 @@ def run(argv: list[str]) -> None:
 
         for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "compress":
+        from pipeline.compress import compress
+
+        compress(args.model, args.input, args.out, batch=args.batch, stride=args.stride, threads=args.threads)
+    elif args.command == "decompress":
+        from pipeline.compress import decompress
+
+        for path in decompress(args.file, args.model, args.out):
+            print(path)
     elif args.command == "mlflow-server":
         from pipeline.tracking import serve
 
