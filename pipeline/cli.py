@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     modality = shard.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name, codec in codec_classes().items():
         stage = modality.add_parser(name, help=codec.help, description=codec.help)
-        add_stage_options(stage)
+        if codec.reads_raw_inputs:
+            add_stage_options(stage)
         codec.add_arguments(stage)
 
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
+    sample.add_argument("--modality", choices=["text", "image", "audio"],
+                        help="a multimodal model's items of this modality (opened with its token), each "
+                             "rendered as .txt, PNG or WAV")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--seed", type=int, default=0)
@@ -148,6 +152,12 @@ def shard(args) -> None:
     from pipeline.data.sources import expand_inputs
 
     codec = codec_classes()[args.modality]
+    if not codec.reads_raw_inputs:
+        from pipeline.codecs.multi import shard_multi
+
+        shard_multi({"text": args.text, "image": args.image, "audio": args.audio}, args.out,
+                    int(args.chunk_mb * 2**20), int(args.shard_mb * 2**20))
+        return
     settings = {"modality": args.modality, "val_fraction": args.val_fraction,
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
@@ -185,7 +195,8 @@ def run(argv: list[str]) -> None:
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text
 
-        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
+        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out,
+                                 args.modality):
             print(path.read_text() if path.suffix == ".txt" else path)
     elif args.command == "compress":
         from pipeline.compress import compress
