@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     decomp.add_argument("--model", required=True, help="the model it was compressed with")
     decomp.add_argument("--out", required=True, help="directory for the restored files")
 
+    comp = sub.add_parser("complete", help="fill the missing part of an image from p(missing | observed), exactly",
+                          description="Sample the missing part of an image from the model's exact conditional given "
+                          "the observed part (models whose ordering can put the observed part first; others are "
+                          "refused with what would work), report its NLL, write a PNG grid and complete.json.")
+    comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    comp.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
+    comp.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
+                      "left-half, right-half, top-half, bottom-half, center-square, random-P%% (e.g. random-50%%)")
+    comp.add_argument("-n", "--samples", type=_positive, default=4, help="completions to draw")
+    comp.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
+    comp.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
+
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
                             "artifacts; point runs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.")
@@ -207,6 +219,10 @@ def run(argv: list[str]) -> None:
 
         for path in decompress(args.file, args.model, args.out):
             print(path)
+    elif args.command == "complete":
+        from pipeline.complete import complete
+
+        complete(args.model, args.input, args.mask, samples=args.samples, seed=args.seed, out=args.out)
     elif args.command == "mlflow-server":
         from pipeline.tracking import serve
 
