@@ -360,6 +360,13 @@ def check_match(header: dict, model, codec, path) -> None:
                           f"decompress with the same versions on the same kind of machine")
 
 
+def make_header(model, codec, settings: Settings, threads: int, items: list[tuple[str, np.ndarray]]) -> dict:
+    return {"format": FORMAT, "model": fingerprint(model, codec.config()), "env": environment(threads),
+            "modality": codec.modality, "batch": settings.batch, "stride": settings.stride, "window": settings.window,
+            "segment": settings.segment,
+            "items": [{"name": name, "length": len(tokens), "crc32": crc(tokens)} for name, tokens in items]}
+
+
 def load_model(model_path):
     from pipeline.export import load_any
 
@@ -389,9 +396,7 @@ def compress(model_path: str, inputs: list[str], out: str, *, batch: int = 16, s
     start = time.time()
     settings = Settings(batch, stride, window, SEGMENT)
     payload, stats = encode_items(model, [tokens for _, tokens, _ in items], settings)
-    header = {"format": FORMAT, "model": fingerprint(model, codec.config()), "env": environment(threads),
-              "modality": codec.modality, "batch": batch, "stride": stride, "window": window, "segment": SEGMENT,
-              "items": [{"name": name, "length": len(tokens), "crc32": crc(tokens)} for name, tokens, _ in items]}
+    header = make_header(model, codec, settings, threads, [(name, tokens) for name, tokens, _ in items])
     header_bytes = write_container(Path(out), header, payload)
     variables = sum(len(tokens) for _, tokens, _ in items)
     result = {**stats, "items": len(items), "variables": variables, "input_bytes": sum(p.stat().st_size for p in paths),
