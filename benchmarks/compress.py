@@ -11,7 +11,6 @@ image of all of them stacked). Every arpipe decode is checked against the input.
 """
 
 import io
-import math
 import subprocess
 import time
 from pathlib import Path
@@ -83,12 +82,23 @@ def arpipe(model, codec, items: list[np.ndarray], batch: int) -> tuple[int, floa
     return size, encode, decode, stats["model_bits"]
 
 
-def val_items(shards, limit: int | None) -> list[np.ndarray]:
+def val_items(shards) -> list[np.ndarray]:
     items = []
     for shard, entry in shards.chunks("val"):
         tokens, offsets = shards.read_chunk(shard, entry["key"])
         items += [tokens[a:b].astype(np.int64) for a, b in zip(offsets[:-1], offsets[1:])]
-    return items[:limit]
+    return items
+
+
+def first(items: list[np.ndarray], limit: int | None) -> list[np.ndarray]:
+    """The items up to `limit` variables in all, the last one cut."""
+    out, left = [], limit if limit else sum(len(x) for x in items)
+    for x in items:
+        if left <= 0:
+            break
+        out.append(x[:left])
+        left -= len(out[-1])
+    return out
 
 
 def raw_bytes(leg: str, codec, items: list[np.ndarray]) -> bytes:
@@ -169,6 +179,7 @@ def main():
     p.add_argument("--tinyshakespeare", type=Path, default=common.SHARED_DATA / "tinyshakespeare.txt",
                    help="a text file also compressed with the demo's text model (skipped if absent)")
     p.add_argument("--batch", type=int, default=16, help="rows arpipe codes in parallel")
+    p.add_argument("--max-variables", type=int, help="code only each dataset's first N variables (default: all)")
     args = p.parse_args()
     common.single_core()
     import torch  # noqa: F401  (after single_core: one thread)
@@ -179,21 +190,21 @@ def main():
     global WORK
     WORK = common.work_dir(args)
     demo = tiny_demo(WORK) if args.tiny else args.demo
-    limit = 4 if args.tiny else None
+    limit = 256 if args.tiny else args.max_variables
     rows = []
     for leg in ("text", "audio", "image"):
         if not (demo / leg / "shards" / "manifest.json").exists():
             print(f"skipping {leg}: no {demo / leg / 'shards'} (run `arpipe demo` first)")
             continue
         model, codec, _ = load_any(demo / leg / "train")
-        items = val_items(Shards(demo / leg / "shards"), limit)
+        items = first(val_items(Shards(demo / leg / "shards")), limit)
         rows += measure(f"{leg} (demo val)", leg, model, codec, items, raw_bytes(leg, codec, items), args.batch)
         if leg == "text" and args.tinyshakespeare.exists() and not args.tiny:
             from pipeline.compress import TextFiles
 
-            items = [TextFiles(codec).read(args.tinyshakespeare, "tinyshakespeare")[0][1]]
+            items = first([TextFiles(codec).read(args.tinyshakespeare, "tinyshakespeare")[0][1]], limit)
             rows += measure("tinyshakespeare (demo text model)", leg, model, codec, items,
-                            args.tinyshakespeare.read_bytes(), args.batch)
+                            raw_bytes(leg, codec, items), args.batch)
     notes = ["ratio: that compressor's file over arpipe's (above 1: arpipe is smaller); arpipe's first row compares "
              "with the best other tool", "one thread; arpipe codes --batch rows at a time through the model's "
              "incremental path (decode is sequential per row), pieces of at most 16384 variables",

@@ -45,6 +45,7 @@ import platform
 import struct
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,15 +148,30 @@ def pieces(lengths: list[int], segment: int) -> list[tuple[int, int, int]]:
     return sorted(out, key=lambda p: -p[2])
 
 
+@dataclass
 class Settings:
-    def __init__(self, batch: int, stride: int, window: int | None, segment: int):
-        self.batch, self.stride, self.window, self.segment = batch, stride, window, segment
+    """What encoder and decoder share besides the model (all in the header)."""
+    batch: int  # rows coded in lockstep
+    stride: int  # variables per context window after the first
+    window: int | None  # variables one cache holds (None: the model's state runs on)
+    segment: int  # the longest piece an item is coded in
+
+
+def in_model_order(model, items: list[np.ndarray], back: bool = False) -> list[np.ndarray]:
+    """Items of a model that orders its variables itself (MADE: its ordering 0) go through its
+    incremental path in that ordering; other models take the data's ordering as theirs."""
+    if not model.orders_variables:
+        return items
+    convert = (lambda t: model.to_data(model.from_sequence(t))) if back else \
+        (lambda t: model.to_sequence(model.from_data(t)))
+    return [convert(torch.as_tensor(x, dtype=torch.long)[None])[0].numpy() for x in items]
 
 
 def encode_items(model, items: list[np.ndarray], settings: Settings) -> tuple[bytes, dict]:
     """The payload coding `items` (token arrays) and statistics: the bits the model's float
     conditionals give the data (its exact NLL under the same conditionals), and the bits of
     the quantised ones."""
+    items = in_model_order(model, items)
     import constriction  # its submodules are attributes of a native module, not importable by name
 
     encoder = constriction.stream.queue.RangeEncoder()
@@ -204,7 +220,7 @@ def decode_items(model, payload: bytes, lengths: list[int], settings: Settings) 
         tokens = run_rows(model, [n for _, _, n in group], settings.window, settings.stride, code).numpy()
         for row, (item, start, n) in enumerate(group):
             items[item][start : start + n] = tokens[row, :n]
-    return items
+    return in_model_order(model, items, back=True)
 
 
 # --- files <-> items, per modality (what the codec itself does not offer: any bytes, file names)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import ArpipeError
 from pipeline.codecs.image import ImageCodec
-from pipeline.complete import complete, complete_rows, load_mask
+from pipeline.complete import complete_rows, load_mask
 from pipeline.export import save_export
 from pipeline.models import build_model
 from tests.conftest import arpipe

@@ -118,3 +118,40 @@ def test_samples_of_a_modality_render_in_its_own_form(tmp_path, multi):
     assert files[0].read_text().split("\n")[2].startswith("def main(")
     with pytest.raises(ArpipeError, match="knows text, image, audio"):
         sample_text(str(export), 1, None, 1.0, None, 0, str(tmp_path / "x"), modality="video")
+
+
+def test_the_multimodal_recipe_compares_each_modality_in_its_own_column():
+    from pipeline.config import load_config
+    from pipeline.recipes import load_recipe, markdown_table
+    from tests.conftest import REPO
+
+    recipe = load_recipe(REPO / "configs" / "multimodal.yaml")
+    assert recipe.metrics == ["bits_per_byte", "bits_per_dim", "bits_per_sample"] and recipe.shard.modality == "multi"
+    assert {v.data for v in recipe.variants.values()} == {None, *recipe.shard.args[1::2]}
+    load_config(REPO / recipe.config, recipe.overrides)
+    rows = [{"variant": "joint", "bits_per_byte": 2.5, "bits_per_dim": 1.5, "bits_per_sample": 3.0, "shard": [],
+             "overrides": [], "seconds": 9},
+            {"variant": "text", "bits_per_byte": 2.25, "shard": ["shards", "t"], "overrides": [], "seconds": 4}]
+    table = markdown_table(recipe, rows)
+    assert "| joint | 2.5000 | 1.5000 | 3.0000 |  |  | 9 |" in table
+    assert "| text | 2.2500 | — | — | shards t |  | 4 |" in table
+
+
+@pytest.mark.slow
+def test_one_gpt_trains_on_the_joint_shards_through_the_trainer_and_evaluates_each_modality(tmp_path, multi):
+    from tests.conftest import arpipe
+
+    config = tmp_path / "joint.yaml"
+    config.write_text(f"""
+out_dir: {tmp_path / 'run'}
+data: {{path: {multi}, block_len: 48, batch_size: 4}}
+model: {{name: gpt, n_layer: 1, n_head: 2, d_model: 16}}
+train: {{steps: 4, log_every: 2, ckpt_every: 4}}
+tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: test}}
+""")
+    arpipe("train", "--config", config)
+    arpipe("eval", "--model", tmp_path / "run", "--data", multi, "--out", tmp_path / "eval.json", "--prompts", 2)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("bits_per_byte", "bits_per_dim", "bits_per_sample", "bits_per_token", "marker_bits_per_item_image"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert any(name.startswith("completions-") for name in result["artifacts"])
