@@ -63,13 +63,12 @@ def png(levels: np.ndarray, width: int) -> tuple[int, float, float]:
     return len(buf.getvalue()), encode, time.perf_counter() - start
 
 
-def arpipe(model, codec, items: list[np.ndarray], batch: int) -> tuple[int, float, float, float]:
+def arpipe(model, codec, items: list[np.ndarray], batch: int, segment: int) -> tuple[int, float, float, float]:
     """File bytes (header included), encode and decode seconds, and the model's NLL in bits."""
-    from pipeline.compress import (SEGMENT, Settings, context_window, decode_items, encode_items, make_header,
-                                   write_container)
+    from pipeline.compress import Settings, context_window, decode_items, encode_items, make_header, write_container
 
     window = context_window(model)
-    settings = Settings(batch, window // 2 if window else 1, window, SEGMENT)
+    settings = Settings(batch, window // 2 if window else 1, window, segment)
     start = time.perf_counter()
     payload, stats = encode_items(model, items, settings)
     encode = time.perf_counter() - start
@@ -110,10 +109,10 @@ def raw_bytes(leg: str, codec, items: list[np.ndarray]) -> bytes:
     return np.concatenate(items).astype(np.uint8).tobytes()
 
 
-def measure(name: str, leg: str, model, codec, items: list[np.ndarray], raw: bytes, batch: int) -> list[Row]:
+def measure(name: str, leg: str, model, codec, items: list[np.ndarray], raw: bytes, args) -> list[Row]:
     unit = UNITS[leg]
     count = len(raw)  # bytes of text; samples and sub-pixels are one byte each here
-    size, enc, dec, nll_bits = arpipe(model, codec, items, batch)
+    size, enc, dec, nll_bits = arpipe(model, codec, items, args.batch, args.segment)
     ours = 8 * size / count
     short = "B" if unit == "byte" else unit + "s"
 
@@ -180,6 +179,7 @@ def main():
                    help="a text file also compressed with the demo's text model (skipped if absent)")
     p.add_argument("--batch", type=int, default=16, help="rows arpipe codes in parallel")
     p.add_argument("--max-variables", type=int, help="code only each dataset's first N variables (default: all)")
+    p.add_argument("--segment", type=int, default=16384, help="arpipe compress --segment (default 16384)")
     args = p.parse_args()
     common.single_core()
     import torch  # noqa: F401  (after single_core: one thread)
@@ -198,16 +198,16 @@ def main():
             continue
         model, codec, _ = load_any(demo / leg / "train")
         items = first(val_items(Shards(demo / leg / "shards")), limit)
-        rows += measure(f"{leg} (demo val)", leg, model, codec, items, raw_bytes(leg, codec, items), args.batch)
+        rows += measure(f"{leg} (demo val)", leg, model, codec, items, raw_bytes(leg, codec, items), args)
         if leg == "text" and args.tinyshakespeare.exists() and not args.tiny:
             from pipeline.compress import TextFiles
 
             items = first([TextFiles(codec).read(args.tinyshakespeare, "tinyshakespeare")[0][1]], limit)
             rows += measure("tinyshakespeare (demo text model)", leg, model, codec, items,
-                            raw_bytes(leg, codec, items), args.batch)
+                            raw_bytes(leg, codec, items), args)
     notes = ["ratio: that compressor's file over arpipe's (above 1: arpipe is smaller); arpipe's first row compares "
              "with the best other tool", "one thread; arpipe codes --batch rows at a time through the model's "
-             "incremental path (decode is sequential per row), pieces of at most 16384 variables",
+             f"incremental path (decode is sequential per row), --segment {args.segment}",
              f"models: {demo}/{{text,audio,image}}/train (the demo's; the text model never saw Shakespeare)"]
     common.report("Lossless compression (benchmarks/compress.py)", rows, args, notes, how="one run each")
 

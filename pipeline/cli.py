@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="variables coded per context window beyond the model's length (default: half of it)")
     comp.add_argument("--threads", type=_positive, default=1,
                       help="torch threads (recorded: decompression uses the same; default 1)")
+    comp.add_argument("--segment", type=_positive, default=16384,
+                      help="code items longer than this many variables in pieces, each from an empty context, "
+                           "in parallel rows: faster for a few long files, a little larger (default 16384)")
 
     decomp = sub.add_parser("decompress", help="restore the files of an `arpipe compress` file")
     decomp.add_argument("file", help="the compressed file")
@@ -213,7 +216,8 @@ def run(argv: list[str]) -> None:
     elif args.command == "compress":
         from pipeline.compress import compress
 
-        compress(args.model, args.input, args.out, batch=args.batch, stride=args.stride, threads=args.threads)
+        compress(args.model, args.input, args.out, batch=args.batch, stride=args.stride, threads=args.threads,
+                 segment=args.segment)
     elif args.command == "decompress":
         from pipeline.compress import decompress
 

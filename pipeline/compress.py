@@ -57,7 +57,7 @@ from pipeline.log import LOG
 MAGIC = b"ARPZ"
 FORMAT = 1
 PRECISION = 24  # integer frequencies sum to 2^24: a symbol costs at most 24 bits
-SEGMENT = 16384  # variables per piece of a long item (pieces are coded in parallel rows)
+SEGMENT = 16384  # default longest piece of an item (pieces are coded in parallel rows)
 
 
 def quantize(logits: torch.Tensor) -> np.ndarray:
@@ -168,15 +168,14 @@ def in_model_order(model, items: list[np.ndarray], back: bool = False) -> list[n
 
 
 def encode_items(model, items: list[np.ndarray], settings: Settings) -> tuple[bytes, dict]:
-    """The payload coding `items` (token arrays) and statistics: the bits the model's float
-    conditionals give the data (its exact NLL under the same conditionals), and the bits of
-    the quantised ones."""
+    """The payload coding `items` (token arrays), and `model_bits`: the bits the model's float
+    conditionals give the data (its exact NLL under the conditionals the coder used)."""
     items = in_model_order(model, items)
     import constriction  # its submodules are attributes of a native module, not importable by name
 
     encoder = constriction.stream.queue.RangeEncoder()
     family = constriction.stream.model.Categorical(perfect=False)
-    stats = {"model_bits": 0.0, "quantized_bits": 0.0}
+    stats = {"model_bits": 0.0}
     plan = pieces([len(x) for x in items], settings.segment)
     for b in range(0, len(plan), settings.batch):
         group = plan[b : b + settings.batch]
@@ -188,9 +187,7 @@ def encode_items(model, items: list[np.ndarray], settings: Settings) -> tuple[by
             if active.any():
                 s = data[active.nonzero()[0], t].numpy()
                 encoder.encode(s.astype(np.int32), family, freqs[active])
-                rows = np.arange(len(s))
-                stats["quantized_bits"] += float(-np.log2(freqs[active][rows, s] / (1 << PRECISION)).sum())
-                logp = torch.log_softmax(logits[torch.from_numpy(active)].double(), -1)[rows, s]
+                logp = torch.log_softmax(logits[torch.from_numpy(active)].double(), -1)[np.arange(len(s)), s]
                 stats["model_bits"] -= float(logp.sum()) / math.log(2)
             return data[:, t]
 
@@ -391,7 +388,7 @@ def load_model(model_path):
 
 
 def compress(model_path: str, inputs: list[str], out: str, *, batch: int = 16, stride: int | None = None,
-             threads: int = 1) -> dict:
+             threads: int = 1, segment: int = SEGMENT) -> dict:
     """Compress files (paths, folders, globs) into one file; returns sizes, bits and timings."""
     from pipeline.data.sources import common_root, expand_inputs
 
@@ -410,7 +407,7 @@ def compress(model_path: str, inputs: list[str], out: str, *, batch: int = 16, s
     if not items:
         raise ArpipeError("nothing to compress")
     start = time.time()
-    settings = Settings(batch, stride, window, SEGMENT)
+    settings = Settings(batch, stride, window, segment)
     payload, stats = encode_items(model, [tokens for _, tokens, _ in items], settings)
     header = make_header(model, codec, settings, threads, [(name, tokens) for name, tokens, _ in items])
     header_bytes = write_container(Path(out), header, payload)
