@@ -76,7 +76,7 @@ def arpipe(model, codec, items: list[np.ndarray], batch: int, segment: int) -> t
     back = decode_items(model, payload, [len(x) for x in items], settings)
     decode = time.perf_counter() - start
     assert all(np.array_equal(a, b) for a, b in zip(items, back)), "arpipe did not decode its input"
-    header = make_header(model, codec, settings, 1, [(f"item-{i}", x) for i, x in enumerate(items)])
+    header = make_header(model, codec, settings, 1, [("", x) for x in items])  # no names: the others store none
     size = write_container(WORK / "bench.arpz", header, payload) + len(payload)
     return size, encode, decode, stats["model_bits"]
 
@@ -180,6 +180,7 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="rows arpipe codes in parallel")
     p.add_argument("--max-variables", type=int, help="code only each dataset's first N variables (default: all)")
     p.add_argument("--segment", type=int, default=16384, help="arpipe compress --segment (default 16384)")
+    p.add_argument("--legs", nargs="+", choices=list(UNITS), default=list(UNITS), help="the demo legs to measure")
     args = p.parse_args()
     common.single_core()
     import torch  # noqa: F401  (after single_core: one thread)
@@ -192,7 +193,7 @@ def main():
     demo = tiny_demo(WORK) if args.tiny else args.demo
     limit = 256 if args.tiny else args.max_variables
     rows = []
-    for leg in ("text", "audio", "image"):
+    for leg in args.legs:
         if not (demo / leg / "shards" / "manifest.json").exists():
             print(f"skipping {leg}: no {demo / leg / 'shards'} (run `arpipe demo` first)")
             continue

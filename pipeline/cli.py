@@ -108,17 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     decomp.add_argument("--model", required=True, help="the model it was compressed with")
     decomp.add_argument("--out", required=True, help="directory for the restored files")
 
-    comp = sub.add_parser("complete", help="fill the missing part of an image from p(missing | observed), exactly",
+    fill = sub.add_parser("complete", help="fill the missing part of an image from p(missing | observed), exactly",
                           description="Sample the missing part of an image from the model's exact conditional given "
                           "the observed part (models whose ordering can put the observed part first; others are "
                           "refused with what would work), report its NLL, write a PNG grid and complete.json.")
-    comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    comp.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
-    comp.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
+    fill.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    fill.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
+    fill.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
                       "left-half, right-half, top-half, bottom-half, center-square, random-P%% (e.g. random-50%%)")
-    comp.add_argument("-n", "--samples", type=_positive, default=4, help="completions to draw")
-    comp.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
-    comp.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
+    fill.add_argument("-n", "--samples", type=_positive, default=4, help="completions to draw")
+    fill.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
+    fill.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
 
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "

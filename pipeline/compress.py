@@ -14,7 +14,7 @@ sides, bit for bit, so:
 - what float results depend on is recorded in the header and checked before decoding: the
   model's fingerprint (weights, config, codec), torch/numpy/constriction versions, the thread
   count (decoding sets the encoder's), the device and the CPU's kernel family (AVX2/AVX512 kernels
-  sum in other orders). Each item's CRC32 is checked after decoding.
+  sum in other orders). The decoded tokens' CRC32 is checked.
 
 Rows. An item (a file; an image) longer than `segment` variables is cut into pieces, each coded
 from an empty context. Pieces are sorted by length and coded `batch` at a time in lockstep.
@@ -34,7 +34,8 @@ What goes in and comes back:
          16-bit WAV of that stream, not the original PCM.
 
 File: b"ARPZ", u32 header length, u32 header CRC32, the zlib-compressed JSON header (format,
-model fingerprint, environment, settings, items with name, length and CRC32, payload CRC32),
+model fingerprint, environment, settings, the items' names and lengths, the CRC32 of their tokens
+and of the payload),
 then the payload (the range coder's little-endian 32-bit words).
 """
 
@@ -327,8 +328,12 @@ def file_format(codec):
     return FILES[codec.modality](codec)
 
 
-def crc(tokens) -> int:
-    return zlib.crc32(np.asarray(tokens, dtype="<i4").tobytes())
+def crc(items: list[np.ndarray]) -> int:
+    """CRC32 of all items' tokens (one for the file: a CRC per item would cost ~5 bytes each)."""
+    value = 0
+    for tokens in items:
+        value = zlib.crc32(np.asarray(tokens, dtype="<i4").tobytes(), value)
+    return value
 
 
 # --- the container
@@ -376,8 +381,8 @@ def check_match(header: dict, model, codec, path) -> None:
 def make_header(model, codec, settings: Settings, threads: int, items: list[tuple[str, np.ndarray]]) -> dict:
     return {"format": FORMAT, "model": fingerprint(model, codec.config()), "env": environment(threads),
             "modality": codec.modality, "batch": settings.batch, "stride": settings.stride, "window": settings.window,
-            "segment": settings.segment,
-            "items": [{"name": name, "length": len(tokens), "crc32": crc(tokens)} for name, tokens in items]}
+            "segment": settings.segment, "names": [name for name, _ in items],
+            "lengths": [len(tokens) for _, tokens in items], "crc32": crc([tokens for _, tokens in items])}
 
 
 def load_model(model_path):
@@ -428,19 +433,18 @@ def decompress(path: str, model_path: str, out_dir: str) -> list[Path]:
     model, codec = load_model(model_path)
     check_match(header, model, codec, path)
     torch.set_num_threads(header["env"]["threads"])
-    names = [item["name"] for item in header["items"]]
+    names = header["names"]
     for name in names:  # a file names outputs; never outside out_dir
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArpipeError(f"{path}: refusing output name {name!r}")
     settings = Settings(header["batch"], header["stride"], header["window"], header["segment"])
     start = time.time()
-    items = decode_items(model, payload, [item["length"] for item in header["items"]], settings)
+    items = decode_items(model, payload, header["lengths"], settings)
+    if crc(items) != header["crc32"]:
+        raise ArpipeError(f"{path} decoded wrongly (CRC32 mismatch): the model's floats differ from the encoder's")
     files, written = file_format(codec), []
-    for item, tokens in zip(header["items"], items):
-        if crc(tokens) != item["crc32"]:
-            raise ArpipeError(f"{path}: {item['name']} decoded wrongly (CRC32 mismatch): the file or the model's "
-                              f"floats differ from the encoder's")
-        target = Path(out_dir) / item["name"]
+    for name, tokens in zip(names, items):
+        target = Path(out_dir) / name
         target.parent.mkdir(parents=True, exist_ok=True)
         written.append(files.write(tokens, target))
     LOG.info("decompress: %d items -> %s in %.1f s", len(written), out_dir, time.time() - start)
