@@ -8,12 +8,20 @@ not depend on the data), and times the steps after a warm-up:
                      50257 rounded up to a multiple of 64) = 124M parameters, 16 × 1024 tokens
                      a step; without and with `train.compile` (torch.compile through DeepSpeed)
   gpt-bare           the baseline: the same GPT and batches in a plain PyTorch loop (bf16
-                     autocast, fused AdamW, clipping); trainer step ≤ 1.10× its step is the target
+                     autocast, fused AdamW, clipping) with the trainer's loss, forward(x, loss=True)
+                     (chunked fp32 cross-entropy, pipeline/models/loss.py); trainer step ≤ 1.10× its
+                     step is the target. Then, in the same process, the same loop with the loss
+                     before it (fp32 logits of the whole batch): its step time and peak memory
+  llama, llama-bare  configs/text-llama.yaml's model (121M: RoPE, RMSNorm, SwiGLU, 4 key/value
+                     heads), as gpt and gpt-bare
   wavenet            configs/audio-wavenet.yaml's model, 8 crops of 11262 samples
   pixelcnn           configs/image-pixelcnn.yaml's model, 32 images of 28×28 at 256 levels
   gpt-phases         (not run by default) diagnostics: the trainer with DeepSpeed's forward,
   gpt-phases-zero0   backward and step each synchronised and timed; with ZeRO-0; without
   gpt-phases-noclip  gradient clipping
+
+On the GPU, attention may only run as flash attention (torch.nn.attention.sdpa_kernel with
+FLASH_ATTENTION alone): a GPT or Llama case that finishes used it.
 
 MFU = tokens/s × FLOPs per token / the GPU's dense bf16 peak (989 TFLOP/s on H100 and H200 SXM,
 pipeline.train.trainer.PEAK_FLOPS). FLOPs per token are the model's train_flops_per_variable():
@@ -37,6 +45,7 @@ import common
 from common import Row
 
 GPT124M = {"name": "gpt", "n_layer": 12, "n_head": 12, "d_model": 768}
+LLAMA124M = {"name": "llama", "n_layer": 12, "n_head": 12, "n_kv_head": 4, "d_model": 768, "d_ff": 2304}
 WAVENET = {"name": "wavenet", "stacks": 3, "layers_per_stack": 10, "residual_channels": 64, "gate_channels": 64,
            "skip_channels": 256}
 PIXELCNN = {"name": "pixelcnn", "gated": True, "n_layer": 12, "hidden": 128, "kernel": 3, "first_kernel": 7,
@@ -45,17 +54,20 @@ PIXELCNN = {"name": "pixelcnn", "gated": True, "n_layer": 12, "hidden": 128, "ke
 CASES = {
     "gpt": ("text", GPT124M, 1024, 16, False, 50, 15, 150),
     "gpt-compile": ("text", GPT124M, 1024, 16, True, 50, 20, 240),
+    "llama": ("text", LLAMA124M, 1024, 16, False, 50, 15, 150),
     "wavenet": ("audio", WAVENET, 11262, 8, False, 40, 10, 120),
     "pixelcnn": ("image", PIXELCNN, 0, 32, False, 40, 10, 120),
 }
 TINY = {
     "gpt": ("text", {"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32}, 32, 2, False, 6, 2, 120),
     "gpt-compile": ("text", {"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 32}, 32, 2, True, 6, 3, 300),
+    "llama": ("text", {"name": "llama", "n_layer": 1, "n_head": 2, "d_model": 32}, 32, 2, False, 6, 2, 120),
     "wavenet": ("audio", {**WAVENET, "stacks": 1, "layers_per_stack": 3, "residual_channels": 8, "gate_channels": 8,
                           "skip_channels": 8}, 64, 2, False, 6, 2, 120),
     "pixelcnn": ("image", {**PIXELCNN, "n_layer": 1, "hidden": 8, "head": 8}, 0, 2, False, 6, 2, 120),
 }
 CASES["gpt-bare"] = CASES["gpt"]  # the same GPT as a plain PyTorch loop (see run_bare)
+CASES["llama-bare"], TINY["llama-bare"] = CASES["llama"], TINY["llama"]
 # diagnostics: the trainer with its DeepSpeed phases timed, also with ZeRO-0 and without clipping
 CASES["gpt-phases"] = CASES["gpt-phases-zero0"] = CASES["gpt-phases-noclip"] = CASES["gpt"]
 TINY["gpt-bare"] = TINY["gpt-phases"] = TINY["gpt-phases-zero0"] = TINY["gpt-phases-noclip"] = TINY["gpt"]
@@ -197,7 +209,10 @@ def run_case(name: str, work: Path, tiny: bool, no_tracking: bool = False) -> di
         cfg = validate(merge(cfg.model_dump(), VARIANTS[name]), "benchmarks/gpu.py")
         notes.append(f"{VARIANTS[name]}")
     phases = time_engine_phases(warmup) if "-phases" in name else None
-    stamps, losses = run_trainer(cfg)
+    with attention_kernels(cuda):
+        stamps, losses = run_trainer(cfg)
+    if cuda:
+        notes.append("flash attention only")
     if phases:
         count = max(1, len(stamps) - warmup)
         notes.append("synchronised DeepSpeed phases (the rest is the trainer's own code and its syncs): "
@@ -218,27 +233,29 @@ def run_case(name: str, work: Path, tiny: bool, no_tracking: bool = False) -> di
     return result
 
 
-def run_bare(name: str, work: Path, tiny: bool) -> dict:
-    """The baseline for the trainer on a GPU: the same model and batches in a plain PyTorch loop
-    (fp32 weights, bf16 autocast, fused AdamW, clipping, one loss.item() per step), timed like
-    the trainer; its last 10 steps synchronise between phases to show where the time goes."""
+def attention_kernels(cuda: bool):
+    """On a GPU, attention may run only as flash attention: SDPA raises where flash cannot run
+    (dtype, head size, a mask), so a case that finishes used it. Elsewhere: no restriction."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if cuda else contextlib.nullcontext()
+
+
+def plain_loop(model, optimizer, batches, steps: int, warmup: int, lean: bool, device: str) -> dict:
+    """Training steps in plain PyTorch (bf16 autocast on GPUs, clipping, fused AdamW, one
+    loss.item() per step), timed like the trainer; the last 10 steps synchronise between phases.
+    lean: the loss is forward(x, loss=True), as the trainer's (chunked fp32 for vocabulary heads);
+    else the fp32 cross-entropy of the whole batch's logits, the loss before it."""
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.shards import Shards
-    from pipeline.data.stream import Batches, TokenStream
-    from pipeline.models import build_model
-    from pipeline.train.trainer import gpu_peak_flops, param_groups
     from trainer import step_times  # benchmarks/trainer.py
 
-    modality, model_cfg, block_len, batch_size, _, steps, warmup, _ = (TINY if tiny else CASES)[name]
-    shards = Shards(synthetic_shards(work / f"shards-{modality}", modality, tiny))
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    torch.manual_seed(0)
-    model = build_model(model_cfg, shards.codec.vocab_size, shards.codec.model_shape(block_len)).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=cuda)
-    batches = Batches(TokenStream(shards, "train", block_len, batch_size, seed=0))
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     stamps, phases = [], {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
     def mark(phase, since):
@@ -248,40 +265,76 @@ def run_bare(name: str, work: Path, tiny: bool) -> dict:
         phases[phase] += now - since
         return now
 
-    for step in range(steps + 10):
-        timed = step >= steps
-        t = stamps.append(time.perf_counter()) or stamps[-1]
-        x = next(batches).to(device, non_blocking=True)
-        t = mark("data", t) if timed else t
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
-        t = mark("forward", t) if timed else t
-        loss.backward()
-        t = mark("backward", t) if timed else t
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        t = mark("optimizer", t) if timed else t
+    with attention_kernels(cuda):
+        for step in range(steps + 10):
+            timed = step >= steps
+            t = stamps.append(time.perf_counter()) or stamps[-1]
+            x = next(batches).to(device, non_blocking=True)
+            t = mark("data", t) if timed else t
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                if lean:
+                    loss = model(x, loss=True)
+                else:
+                    logits = model(x)
+            if not lean:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+            t = mark("forward", t) if timed else t
+            loss.backward()
+            t = mark("backward", t) if timed else t
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()
+            t = mark("optimizer", t) if timed else t
     times = sorted(step_times(stamps[: steps + 1], warmup))
-    step = times[len(times) // 2]
+    return {"step_s": times[len(times) // 2], "step_s_p10": times[len(times) // 10],
+            "step_s_p90": times[len(times) * 9 // 10], "final_loss": loss.item(),
+            "phases": ", ".join(f"{k} {v / 10 * 1e3:.1f} ms" for k, v in phases.items()),
+            "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+
+
+def run_bare(name: str, work: Path, tiny: bool) -> dict:
+    """The baseline for the trainer on a GPU: the same model and batches in a plain PyTorch loop
+    with the trainer's loss; for models with a vocabulary head also the fp32-logits loss, after
+    it in the same process, for its step time and peak memory."""
+    import torch
+
+    from pipeline.data.shards import Shards
+    from pipeline.data.stream import Batches, TokenStream
+    from pipeline.models import build_model
+    from pipeline.models.loss import VocabHead
+    from pipeline.train.trainer import gpu_peak_flops, param_groups
+
+    modality, model_cfg, block_len, batch_size, _, steps, warmup, _ = (TINY if tiny else CASES)[name]
+    shards = Shards(synthetic_shards(work / f"shards-{modality}", modality, tiny))
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    model = build_model(model_cfg, shards.codec.vocab_size, shards.codec.model_shape(block_len)).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=cuda)
+    batches = Batches(TokenStream(shards, "train", block_len, batch_size, seed=0))
+    lean = plain_loop(model, optimizer, batches, steps, warmup, True, device)
+    step = lean["step_s"]
     variables, flops = batch_size * model.num_vars, model.train_flops_per_variable()
     peak = gpu_peak_flops("bf16")
-    parts = ", ".join(f"{k} {v / 10 * 1e3:.1f} ms" for k, v in phases.items())
-    return {"case": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "parameters": sum(p.numel() for p in model.parameters()), "step_s": step,
-            "step_s_p10": times[len(times) // 10], "step_s_p90": times[len(times) * 9 // 10],
-            "variables_per_step": variables, "tokens_per_s": variables / step, "flops_per_token": flops,
-            "tflops": variables * flops / step / 1e12, "mfu": variables * flops / step / peak if peak else None,
-            "peak_tflops": peak / 1e12 if peak else None, "final_loss": loss.item(),
-            "notes": [f"plain PyTorch loop, bf16 autocast, fused AdamW; synchronised phases: {parts}"],
-            "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+    notes = [f"plain PyTorch loop, bf16 autocast, fused AdamW{', flash attention only' if cuda else ''}; "
+             f"synchronised phases: {lean['phases']}"]
+    result = {"case": name, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "parameters": sum(p.numel() for p in model.parameters()), "variables_per_step": variables,
+              "tokens_per_s": variables / step, "flops_per_token": flops, "tflops": variables * flops / step / 1e12,
+              "mfu": variables * flops / step / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
+              "notes": notes, **{k: v for k, v in lean.items() if k != "phases"}}
+    if any(isinstance(m, VocabHead) for m in model.modules()):
+        logits = plain_loop(model, optimizer, batches, steps, warmup, False, device)
+        result["logits_loss"] = logits
+        notes.append(f"with the fp32-logits loss instead: step {logits['step_s'] * 1e3:.1f} ms, "
+                     f"peak memory {logits['max_memory_gb'] or 0:.1f} GB, synchronised phases: {logits['phases']}")
+    return result
 
 
 def main(argv=None):
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", choices=list(CASES), default=["gpt", "gpt-bare", "gpt-compile", "wavenet", "pixelcnn"])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), default=["gpt", "gpt-bare", "gpt-compile", "llama", "llama-bare", "wavenet", "pixelcnn"])
     p.add_argument("--run", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--no-tracking", action="store_true", help="no MLflow (the default where mlflow is not installed)")
     args = p.parse_args(argv)
@@ -312,8 +365,8 @@ def main(argv=None):
             print(f"{name}: FAILED after {time.time() - start:.0f} s: {e}", flush=True)
     rows, notes = [], []
     for r in results:
-        unit = {"gpt": "tok", "wavenet": "samples", "pixelcnn": "sub-pixels"}[r["case"].split("-")[0]]
-        target = 0.40 if r["case"].startswith("gpt") and not args.tiny else None
+        unit = {"gpt": "tok", "llama": "tok", "wavenet": "samples", "pixelcnn": "sub-pixels"}[r["case"].split("-")[0]]
+        target = 0.40 if r["case"].startswith(("gpt", "llama")) and not args.tiny else None
         mfu = f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
         rows.append(Row(f"{r['case']} ({r['parameters'] / 1e6:.1f}M parameters, {r['variables_per_step']} {unit}/step)",
                         f"{common.rate(r['tokens_per_s'], 1, unit)}, {r['tflops']:.1f} TFLOP/s{mfu}",
@@ -324,10 +377,18 @@ def main(argv=None):
                      f"{unit[:-1] if unit.endswith('s') else unit}, peak memory {r['max_memory_gb'] or 0:.1f} GB"
                      + "".join(f"; {n}" for n in r["notes"]))
     by_case = {r["case"]: r for r in results}
-    if "gpt" in by_case and "gpt-bare" in by_case:
-        t, b = by_case["gpt"]["step_s"], by_case["gpt-bare"]["step_s"]
-        rows.append(Row("gpt: trainer step vs the plain PyTorch loop", f"{t * 1e3:.1f} ms",
-                        f"gpt-bare {b * 1e3:.1f} ms", t / b, 1.10, at_most=True))
+    for model in ("gpt", "llama"):
+        if model in by_case and f"{model}-bare" in by_case:
+            t, b = by_case[model]["step_s"], by_case[f"{model}-bare"]["step_s"]
+            rows.append(Row(f"{model}: trainer step vs the plain PyTorch loop", f"{t * 1e3:.1f} ms",
+                            f"{model}-bare {b * 1e3:.1f} ms", t / b, 1.10, at_most=True))
+        bare = by_case.get(f"{model}-bare", {})
+        if "logits_loss" in bare and bare["max_memory_gb"]:
+            old = bare["logits_loss"]
+            rows.append(Row(f"{model}-bare: peak GPU memory, chunked loss vs fp32 logits", f"{bare['max_memory_gb']:.1f} GB",
+                            f"{old['max_memory_gb']:.1f} GB", bare["max_memory_gb"] / old["max_memory_gb"]))
+            rows.append(Row(f"{model}-bare: step, chunked loss vs fp32 logits", f"{bare['step_s'] * 1e3:.1f} ms",
+                            f"{old['step_s'] * 1e3:.1f} ms", bare["step_s"] / old["step_s"]))
     if results and results[0].get("device"):
         notes.append(f"device: {results[0]['device']}; ratio = MFU (model FLOPs / s over the bf16 dense peak)")
     notes += [f"{name}: failed (see the output above)" for name in failed]

@@ -193,8 +193,8 @@ def shard_multi(sources: dict[str, Path], out: Path, chunk_bytes: int, shard_byt
         raise ArpipeError(f"{out} is not empty; use a new --out directory")
     out.mkdir(parents=True, exist_ok=True)
     for shards in sets.values():  # the parts' own files (the tokenizer), beside the manifest
-        for name in codec_files(shards.manifest["codec"], shards.dir):
-            shutil.copy(shards.dir / name, out / name)
+        for name in codec_files(shards.manifest["codec"], shards.meta_dir):
+            shutil.copy(shards.meta_dir / name, out / name)
     codec = MultiCodec({name: shards.codec for name, shards in sets.items()})
     write_json_atomic(out / "plan.json", {"format": FORMAT, "settings": {"modality": "multi", "sources": sources_info},
                                           "root": str(out.resolve()), "inputs": [], "num_tasks": 1,

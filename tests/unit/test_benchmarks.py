@@ -16,6 +16,8 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "sampling": [],
     "gpu": ["--cases", "gpt-bare", "pixelcnn"],
     "compress": [],
+    "loss_memory": [],
+    "s3": [],
 }
 
 

@@ -109,7 +109,7 @@ def test_samples_of_a_modality_render_in_its_own_form(tmp_path, multi):
     cfg = {"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16}
     model = build_model(cfg, codec.vocab_size, (80,))
     state = {k: v.detach() for k, v in model.named_parameters()}
-    export = save_export(tmp_path / "export", state, cfg, codec.vocab_size, (80,), codec.config(), shards.dir, {})
+    export = save_export(tmp_path / "export", state, cfg, codec.vocab_size, (80,), codec.config(), shards.meta_dir, {})
     files = sample_text(str(export), 2, None, 1.0, None, 0, str(tmp_path / "image"), modality="image")
     assert files[0].name.startswith("samples-image") and files[0].suffix == ".png"
     files = sample_text(str(export), 2, None, 1.0, None, 0, str(tmp_path / "audio"), modality="audio")
