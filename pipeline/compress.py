@@ -103,12 +103,10 @@ def _version(package: str) -> str:
 
 def context_window(model) -> int | None:
     """Variables one cache can hold: None for models whose incremental state runs over any
-    length with unchanged conditionals (WaveNet's queues, GRU's hidden state), else the model's
-    length (GPT's learned positions, the recomputing default's buffer)."""
-    from pipeline.models.rnn import GRU
-    from pipeline.models.wavenet import WaveNet
-
-    return None if isinstance(model, (WaveNet, GRU)) else model.num_vars
+    length with unchanged conditionals (`long_samples == "native"`: WaveNet's queues, GRU's
+    hidden state), else the model's length (GPT's and Llama's positions, as `sample(length=…)`
+    slides them; an image model's items are exactly that long)."""
+    return None if model.long_samples == "native" else model.num_vars
 
 
 # --- the one loop encoder and decoder share
