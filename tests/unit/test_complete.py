@@ -35,7 +35,7 @@ def exact_conditional(model, row, missing, order):
     fillings = list(itertools.product(range(model.vocab_size), repeat=len(slots)))
     x = row.repeat(len(fillings), 1)
     x[:, slots] = torch.tensor(fillings)
-    logits = model.logits(model.from_data(x), order.to(torch.long))
+    logits = model.logits_in(model.from_data(x), order.to(torch.long))
     logp = torch.log_softmax(logits.float(), -1).gather(-1, model.from_data(x)[..., None]).flatten(1).sum(1)
     return fillings, torch.softmax(logp.double(), 0)
 
