@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     modality = shard.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name, codec in codec_classes().items():
         stage = modality.add_parser(name, help=codec.help, description=codec.help)
-        add_stage_options(stage)
+        if codec.reads_raw_inputs:
+            add_stage_options(stage)
         codec.add_arguments(stage)
 
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=_local, help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
+    sample.add_argument("--modality", choices=["text", "image", "audio"],
+                        help="a multimodal model's items of this modality (opened with its token), each "
+                             "rendered as .txt, PNG or WAV")
     sample.add_argument("--length", type=_positive,
                         help="variables per sample (tokens, audio samples), prompt included (default: the "
                              "model's block_len); beyond it GPT and Llama slide their context window (--stride), "
@@ -111,6 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
                                "the model's start vector and no token is added, so every probability is arpipe's.")
     export_hf.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
     export_hf.add_argument("--out", required=True, type=Path, help="directory for the transformers files")
+
+    comp = sub.add_parser("compress", help="compress files losslessly with a model's exact conditionals",
+                          description="Range-code files with a model's conditionals: text (any bytes), images "
+                          "(pixel-exact at 256 levels), audio (its μ-law stream). Decompress with the same model, "
+                          "versions and kind of machine (the file records them).")
+    comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    comp.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, directories or globs")
+    comp.add_argument("--out", required=True, help="the compressed file to write")
+    comp.add_argument("--batch", type=_positive, default=16, help="rows coded in parallel (recorded; default 16)")
+    comp.add_argument("--stride", type=_positive,
+                      help="variables coded per context window beyond the model's length (default: half of it)")
+    comp.add_argument("--threads", type=_positive, default=1,
+                      help="torch threads (recorded: decompression uses the same; default 1)")
+    comp.add_argument("--segment", type=_positive, default=16384,
+                      help="code items longer than this many variables in pieces, each from an empty context, "
+                           "in parallel rows: faster for a few long files, a little larger (default 16384)")
+
+    decomp = sub.add_parser("decompress", help="restore the files of an `arpipe compress` file")
+    decomp.add_argument("file", help="the compressed file")
+    decomp.add_argument("--model", required=True, help="the model it was compressed with")
+    decomp.add_argument("--out", required=True, help="directory for the restored files")
+
+    fill = sub.add_parser("complete", help="fill the missing part of an image from p(missing | observed), exactly",
+                          description="Sample the missing part of an image from the model's exact conditional given "
+                          "the observed part (models whose ordering can put the observed part first; others are "
+                          "refused with what would work), report its NLL, write a PNG grid and complete.json.")
+    fill.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    fill.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
+    fill.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
+                      "left-half, right-half, top-half, bottom-half, center-square, random-P%% (e.g. random-50%%)")
+    fill.add_argument("-n", "--samples", type=_positive, default=4, help="completions to draw")
+    fill.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
+    fill.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
 
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
@@ -161,6 +198,12 @@ def shard(args) -> None:
     from pipeline.data.storage import is_url
 
     codec = codec_classes()[args.modality]
+    if not codec.reads_raw_inputs:
+        from pipeline.codecs.multi import shard_multi
+
+        shard_multi({"text": args.text, "image": args.image, "audio": args.audio}, args.out,
+                    int(args.chunk_mb * 2**20), int(args.shard_mb * 2**20))
+        return
     settings = {"modality": args.modality, "val_fraction": args.val_fraction,
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
@@ -200,8 +243,22 @@ def run(argv: list[str]) -> None:
         from pipeline.eval.samples import sample_text
 
         for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out,
-                                args.length, args.stride):
+                                args.length, args.stride, args.modality):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "compress":
+        from pipeline.compress import compress
+
+        compress(args.model, args.input, args.out, batch=args.batch, stride=args.stride, threads=args.threads,
+                 segment=args.segment)
+    elif args.command == "decompress":
+        from pipeline.compress import decompress
+
+        for path in decompress(args.file, args.model, args.out):
+            print(path)
+    elif args.command == "complete":
+        from pipeline.complete import complete
+
+        complete(args.model, args.input, args.mask, samples=args.samples, seed=args.seed, out=args.out)
     elif args.command == "export-hf":
         from pipeline.hf import export_hf
 

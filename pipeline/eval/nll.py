@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from pipeline import ArpipeError
 from pipeline.data.shards import Shards
@@ -27,12 +28,18 @@ def check_stride(model, codec, block_len: int, stride: int | None) -> None:
 
 
 @torch.no_grad()
-def _sum_nll(model, batches, T: int, distributed: bool) -> list[float]:
-    """(nats, scored variables, rows with any) summed over this rank's batches and all-reduced.
+def _sum_nll(model, codec, batches, T: int, distributed: bool) -> tuple[list[float], torch.Tensor]:
+    """(nats, scored variables, rows with any) summed over this rank's batches and all-reduced,
+    and for a multimodal codec the same per part: (nats, marker nats, variables, items) × parts.
     Ranks step in lockstep, padding with empty batches, because a ZeRO-3 forward pass is a
     collective."""
     device = next(model.parameters()).device
     total = torch.zeros(3, dtype=torch.float64, device=device)
+    parts = getattr(codec, "names", [])  # a multimodal codec: each modality is scored apart too
+    by_part = torch.zeros(4, len(parts), dtype=torch.float64, device=device)
+    # The token before the next row (see MultiCodec.token_parts). A sliding window's first
+    # position is context, never scored, unless the window opens a sequence (with an opener).
+    last = torch.zeros(1, dtype=torch.long)
     while True:
         x, mask = next(batches, (None, None))
         more = torch.tensor(float(x is not None), device=device)
@@ -45,9 +52,18 @@ def _sum_nll(model, batches, T: int, distributed: bool) -> list[float]:
         nll = model.token_nll(model.from_data(x.to(device))).double()  # in the model's ordering
         mask = model.to_sequence(model.from_data(mask.to(device)))
         total += torch.stack([(nll * mask).sum(), mask.sum().double(), mask.any(1).sum().double()])
+        if parts:
+            before, last = torch.cat([last, x[:-1, -1]]), x[-1:, -1]
+            part = F.one_hot(codec.token_parts(x, before), len(parts)).to(device).double()
+            part = model.to_sequence(model.from_data(part)) * mask[..., None]
+            marker = model.to_sequence(model.from_data(x.to(device) <= len(parts)))[..., None]  # openers, <end>
+            opener = model.to_sequence(model.from_data((x.to(device) >= 1) & (x.to(device) <= len(parts))))[..., None]
+            by_part += torch.stack([(nll[..., None] * part).sum((0, 1)), (nll[..., None] * part * marker).sum((0, 1)),
+                                    (part * ~marker).sum((0, 1)), (part * opener).sum((0, 1))])
     if distributed:
         dist.all_reduce(total)
-    return total.tolist()
+        dist.all_reduce(by_part)
+    return total.tolist(), by_part
 
 
 def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: int, *, rank: int = 0,
@@ -68,18 +84,26 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
     def score(window_stride):
         batches = eval_blocks(shards, split, block_len, batch_size, rank=rank, world=world, max_chunks=max_chunks,
                               stride=window_stride)
-        return _sum_nll(model, batches, T, distributed)
+        return _sum_nll(model, codec, batches, T, distributed)
 
-    nats, count, rows = score(None)
+    (nats, count, rows), by_part = score(None)
     totals = {"nats": nats, codec.unit + "s": int(count)}
-    if text_bytes := split_bytes(shards, split, max_chunks):
+    text_bytes = split_bytes(shards, split, max_chunks)
+    if text_bytes:
         totals["bytes"] = text_bytes
     if codec.stream_mode == "item":  # a row is a whole item (an image): the papers' nats per image
         totals["items"] = int(rows)
+    passes = [("", by_part)]
     if stride:
-        totals.update(nats_sliding=score(stride)[0], stride=stride)
+        (nats_sliding, _, _), by_part_sliding = score(stride)
+        totals.update(nats_sliding=nats_sliding, stride=stride)
+        passes.append(("_sliding", by_part_sliding))
     model.train(was_training)
-    return with_rates(totals, codec.unit)
+    result = with_rates(totals, codec.unit)
+    for i, name in enumerate(getattr(codec, "names", [])):
+        for suffix, sums in passes:
+            result.update(part_result(name, codec.parts[name].unit, *sums[:, i].tolist(), text_bytes, suffix))
+    return result
 
 
 def with_rates(totals: dict, unit: str) -> dict:
@@ -114,10 +138,20 @@ def evaluate_sources(model, sources: dict[str, Shards], split: str, block_len: i
     return {**with_rates(totals, unit), "sources": results}
 
 
+def part_result(name: str, unit: str, nats: float, marker_nats: float, variables: float, items: float,
+                text_bytes: int, suffix: str = "") -> dict:
+    """One modality of a multimodal evaluation: its rate per its own unit (text: per byte)
+    counting its items' openers and <end> tokens too, and what those markers cost per item."""
+    unit, count = ("byte", text_bytes) if name == "text" else (unit, int(variables))
+    return {f"{unit}s_{name}": count, f"items_{name}": int(items), f"nats_per_{unit}{suffix}": nats / max(count, 1),
+            f"bits_per_{unit}{suffix}": nats / max(count, 1) / math.log(2),
+            f"marker_bits_per_item_{name}{suffix}": marker_nats / max(items, 1) / math.log(2)}
+
+
 def headline(result: dict) -> dict:
-    """The metrics worth logging: per-variable rates and bits/byte, overall and per source
-    (`<source>/bits_per_byte`)."""
-    rates = {k: v for k, v in result.items() if k.startswith(("nats_per_", "bits_per_"))}
+    """The metrics worth logging: per-variable rates, bits/byte, a multimodal model's marker
+    costs, overall and per source (`<source>/bits_per_byte`)."""
+    rates = {k: v for k, v in result.items() if k.startswith(("nats_per_", "bits_per_", "marker_bits_"))}
     for name, source in result.get("sources", {}).items():
         rates.update({f"{name}/{k}": v for k, v in headline(source).items()})
     return rates

@@ -77,10 +77,11 @@ def complete_in_model_order(model, items: list[np.ndarray], length: int, **sampl
 
 
 def sample_text(model_path: str, n: int, prompt: str | None, temperature: float, top_k: int | None,
-                seed: int, out: str | None, length: int | None = None, stride: int | None = None) -> list[Path]:
+                seed: int, out: str | None, length: int | None = None, stride: int | None = None,
+                modality: str | None = None) -> list[Path]:
     """`arpipe sample`: n samples of `length` variables (default: the model's shape) from a model,
-    continuing `prompt` (text, or a sound file) if given, written by the codec into `out` (text
-    is also printed)."""
+    continuing `prompt` (text, or a sound file) if given, or items of `modality` from a
+    multimodal model, written by the codec into `out` (text is also printed)."""
     import tempfile
 
     from pipeline.export import load_any
@@ -89,8 +90,15 @@ def sample_text(model_path: str, n: int, prompt: str | None, temperature: float,
     if prompt and not hasattr(codec, "encode"):
         raise ArpipeError(f"--prompt cannot be encoded for {codec.modality} data; "
                           f"`arpipe eval` writes completions of validation items")
+    if modality and not hasattr(codec, "opener"):
+        raise ArpipeError(f"--modality needs a multimodal model (trained on `arpipe shard multi` shards); "
+                          f"{model_path} models {codec.modality} alone")
+    if modality and prompt and modality != "text":
+        raise ArpipeError("--prompt is text: it cannot open an item of --modality " + modality)
     generator = torch.Generator().manual_seed(seed)
     prefix = torch.from_numpy(codec.encode(prompt).astype(np.int64))[None] if prompt else None
+    if modality and prefix is None:  # the modality's opening token
+        prefix = torch.tensor([[codec.opener(modality)]])
     length = length or model.num_vars
     if prefix is not None and prefix.shape[1] >= length:
         raise ArpipeError(f"--prompt is {prefix.shape[1]} tokens; a sample is {length} in all (--length), "

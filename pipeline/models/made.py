@@ -43,6 +43,7 @@ mixture's conditional intractable, so completions come from member 0.
 """
 
 import math
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
@@ -148,6 +149,30 @@ class MADE(ARModel):
     def to_data(self, x: torch.Tensor) -> torch.Tensor:
         return ARModel.to_sequence(self, x)
 
+    # --- completing data: an ordering that puts the given variables first
+    def ordering_with_first(self, first: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+        """An ordering whose first variables are exactly those marked in `first` ((D,) bool over
+        the layout) and what it is: one of the K orderings whose start they are, else for a model
+        trained order-agnostically on random orderings (whose masks were trained for any
+        ordering) the marked variables, then the others, each in layout order. None if neither."""
+        first = first.to(self.orderings.device)
+        n = int(first.sum())
+        for k, order in enumerate(self.orderings):
+            if first[order[:n]].all():
+                return order, f"its ordering {k} of {len(self.orderings)}"
+        if self.cfg.train_orderings == "random":
+            order = torch.cat([first.nonzero()[:, 0], (~first).nonzero()[:, 0]])
+            return order, "a new ordering with the given variables first (the model was trained on random orderings)"
+        return None
+
+    @contextmanager
+    def in_order(self, order: torch.Tensor):
+        """Run (eval mode: forward, to_sequence, sample with a prefix) in `order`; o_0 after."""
+        self.order = order.to(self.orderings.device)
+        try:
+            yield self
+        finally:
+            self.order = self.orderings[0]
     # --- incremental sampling in the current ordering (see "Sampling" above)
     def start(self, n: int):
         order = self.order.to(self.orderings.device)

@@ -16,6 +16,7 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "sampling": [],
     "eval": [],
     "gpu": ["--cases", "gpt-bare", "pixelcnn"],
+    "compress": [],
     "loss_memory": [],
     "s3": [],
 }
