@@ -15,6 +15,7 @@ from pipeline.eval.nll import evaluate_nll
 from pipeline.models import build_model
 from tests.unit.test_audio import one_thread  # noqa: F401 (autouse: one intra-op thread)
 from tests.unit.test_model_contract import FAMILIES, tiny
+from tests.unit.test_multi import multi, sources  # noqa: F401 (fixtures)
 from tests.unit.test_stream import digit_shards  # noqa: F401 (a fixture)
 
 
@@ -95,3 +96,22 @@ def test_stride_is_refused_where_nothing_slides(digit_shards, text_shards):  # n
     text = Shards(text_shards)
     with pytest.raises(ArpipeError, match="must be from 1 to the model's block_len, 8"):
         evaluate_nll(tiny("gpt", vocab=512), text, "val", 8, 16, stride=9)
+
+
+def test_a_multimodal_model_is_scored_per_modality_in_sliding_windows_too(multi):  # noqa: F811
+    """Each scored variable of a window is counted for its own modality (a window's first
+    position, its context, never needs the token before it): the same variables per modality as
+    in blocks, whose nats add up to the sliding total; stride = block_len repeats the blocks."""
+    shards = Shards(multi)
+    torch.manual_seed(0)
+    model = build_model({"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16}, shards.codec.vocab_size, (32,))
+    blocks = evaluate_nll(model, shards, "val", 32, 8)
+    sliding = evaluate_nll(model, shards, "val", 32, 8, stride=5)
+    units = (("text", "byte"), ("image", "dim"), ("audio", "sample"))
+    for name, unit in units:
+        for count in (f"{unit}s_{name}", f"items_{name}"):
+            assert sliding[count] == blocks[count]
+    parts = sum(sliding[f"nats_per_{unit}_sliding"] * sliding[f"{unit}s_{name}"] for name, unit in units)
+    assert parts == pytest.approx(sliding["nats_sliding"], rel=1e-9)
+    same = evaluate_nll(model, shards, "val", 32, 8, stride=32)
+    assert all(same[f"bits_per_{unit}_sliding"] == blocks[f"bits_per_{unit}"] for _, unit in units)
