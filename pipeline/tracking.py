@@ -1,8 +1,9 @@
-"""MLflow tracking from rank 0 only.
+"""MLflow tracking: the run from rank 0, system metrics from one process per node.
 
-Only rank 0 talks to MLflow, so tracking load does not grow with the number of processes and
-ranks never race to create experiments. The run id is kept in checkpoints and exports, so a
-resumed run and the evaluation of its model land in the same MLflow run.
+Rank 0 creates and logs the run, so tracking load does not grow with the number of processes
+and ranks never race to create experiments; local rank 0 of each other node only adds its
+node's system metrics to that run. The run id is kept in checkpoints and exports, so a resumed
+run and the evaluation of its model land in the same MLflow run.
 
 Metrics never cost the training loop a round trip: `log_metrics` appends to a buffer that a
 background thread sends with `log_batch` every `flush_every` seconds. If the tracking server
