@@ -22,6 +22,7 @@ from tests.conftest import ENV, REPO, read_metrics
 
 pytestmark = pytest.mark.slow
 SCREENSHOTS = REPO / "runs" / "screenshots"
+REGISTERED = "server-test-model"  # the tracked run's --register
 
 
 class MlflowServer:
@@ -87,13 +88,10 @@ tracking: {{experiment: server-test}}
         output = node.communicate(timeout=600)[0]
         assert node.returncode == 0, output[-5000:]
     sh([sys.executable, "-m", "pipeline", "eval", "--model", tmp / "run", "--data", text_shards, "--samples", "2",
-         "--prompts", "2", "--experiment", "server-eval", "--out", tmp / "eval.json"], server.uri)
+        "--prompts", "2", "--experiment", "server-eval", "--out", tmp / "eval.json"], server.uri)
     export = tmp / "run" / "export"
     return {"export": export, "run_id": json.loads((export / "model.json").read_text())["run_id"],
             "eval": json.loads((tmp / "eval.json").read_text())}
-
-
-REGISTERED = "server-test-model"
 
 
 def test_server_receives_params_metrics_tags_and_artifacts(server, tracked_run):
@@ -176,7 +174,7 @@ def test_export_is_the_runs_logged_and_registered_model(server, tracked_run, tmp
 
     out = tmp_path / "downloaded"
     sh([sys.executable, "-m", "mlflow", "artifacts", "download", "--artifact-uri", f"models:/{REGISTERED}/1",
-         "--dst-path", out], server.uri)
+        "--dst-path", out], server.uri)
     export = tracked_run["export"]
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in export.iterdir())
     for path in export.iterdir():
