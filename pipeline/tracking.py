@@ -21,7 +21,6 @@ network and GPUs (`SystemMetrics`: the System metrics tab).
 """
 
 import getpass
-import hashlib
 import json
 import os
 import re
