@@ -97,7 +97,7 @@ tracking: {{experiment: server-test}}
 def test_server_receives_params_metrics_tags_and_artifacts(server, tracked_run):
     client = MlflowClient(server.uri)
     run = client.get_run(tracked_run["run_id"])
-    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    params, tags = run.data.params, run.data.tags
     assert params["model.name"] == "gpt" and params["data.block_len"] == "32" and params["train.zero_stage"] == "2"
     assert tags["world_size"] == "2" and json.loads(tags["deepspeed_config"])["zero_optimization"]["stage"] == 2
     assert len(tags["manifest_sha256"]) == 64
