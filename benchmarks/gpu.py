@@ -279,7 +279,6 @@ def run_case(name: str, work: Path, tiny_size: bool, no_tracking: bool = False) 
 
 def kernel_profile(warmup: int):
     """A torch profiler over 3 steps after the warm-up, stepped once per batch drawn."""
-    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
     profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],

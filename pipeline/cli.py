@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
+    train.add_argument("--register", metavar="NAME", help="register the exported model in MLflow's model registry "
+                       "under NAME (a new version each run; same as tracking.register_as=NAME)")
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--new-run", action="store_true", help="log to a new MLflow run, not the training run")
     ev.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
+    ev.add_argument("--experiment", metavar="NAME", help="log to a new run in this MLflow experiment (default: into "
+                    "the training run; with --new-run or a model without one, a new run in experiment 'arpipe')")
     ev.add_argument("--out", type=_local, help="also write the results as JSON here")
 
     sample = sub.add_parser("sample", help="draw samples from an exported model")
@@ -225,7 +229,8 @@ def run(argv: list[str]) -> None:
         from pipeline.config import load_config
         from pipeline.train.trainer import train
 
-        stopped = train(load_config(args.config, args.overrides)).get("stopped")
+        register = [f"tracking.register_as={args.register}"] if args.register else []
+        stopped = train(load_config(args.config, [*args.overrides, *register])).get("stopped")
         # under a job script (which requeues) every rank exits 0, else srun would kill the slower ones
         exit_code = PREEMPTED if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER") else 0
         leave_together(exit_code)
@@ -237,7 +242,7 @@ def run(argv: list[str]) -> None:
         run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, stride=args.stride,
                  samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len, temperature=args.temperature,
                  top_k=args.top_k, seed=args.seed, new_run=args.new_run, tracking_uri=args.tracking_uri,
-                 out=args.out)
+                 experiment=args.experiment, out=args.out)
         leave_together()
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline import ArpipeError
 
@@ -84,7 +84,8 @@ class TrainConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     experiment: str = "arpipe"
-    run_name: str | None = None
+    run_name: str | None = None  # None: "<config file name> · <model> <size> · <modality>"
+    register_as: str | None = None  # also register the exported model under this name in MLflow's model registry
     flush_every: float = 10.0  # seconds between metric batches sent by the background thread
     close_timeout: float = 30.0  # at the end, wait this long for an unreachable server, then write a file
 
@@ -147,6 +148,11 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     deepspeed: dict = {}  # passed through to DeepSpeed over the config derived from the above
     slurm: SlurmConfig = SlurmConfig()
+    _path: str = PrivateAttr("")  # the YAML file it was read from: names the MLflow run
+
+    @property
+    def path(self) -> str:
+        return self._path
 
     @field_validator("out_dir")
     @classmethod
@@ -192,7 +198,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise ArpipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     from_cli = parse_overrides(list(overrides))
-    return validate(merge(raw, from_cli), str(path), from_cli)
+    config = validate(merge(raw, from_cli), str(path), from_cli)
+    config._path = str(path)
+    return config
 
 
 def validate(raw: dict, source: str, from_cli: dict = {}) -> Config:

@@ -93,7 +93,7 @@ def markdown_table(recipe: Recipe, rows: list[dict]) -> str:
 def run_recipe(path: str | Path, out: Path | None = None, steps: int | None = None,
                only: list[str] | None = None) -> list[dict]:
     from pipeline.config import load_config
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, source_tags
 
     recipe = load_recipe(path)
     if unknown := set(only or []) - set(recipe.variants):
@@ -101,7 +101,7 @@ def run_recipe(path: str | Path, out: Path | None = None, steps: int | None = No
     variants = {k: v for k, v in recipe.variants.items() if not only or k in only}
     out = Path(out or Path("runs") / recipe.name)
     base = load_config(recipe.config, recipe.overrides)  # fails early on a bad config or override
-    parent = Tracker(base.tracking.uri, base.tracking.experiment, run_name=recipe.name)
+    parent = Tracker(base.tracking.uri, base.tracking.experiment, run_name=recipe.name, tags=source_tags(str(path)))
     parent.log_params({"recipe": str(path), "question": recipe.question, "metric": ",".join(recipe.metrics),
                        "variants": ",".join(variants)})
     parent.log_artifact(path)
@@ -136,7 +136,8 @@ def _run_variants(recipe: Recipe, variants: dict[str, VariantSpec], out: Path, s
             cli(["shard", recipe.shard.modality, *args, "--out", str(shards)])
         start = time.time()
         result = train_and_eval(Path(variant.config or recipe.config), shards, out / name, steps,
-                                overrides=[*recipe.overrides, *variant.overrides], **recipe.eval.model_dump())
+                                overrides=[f"tracking.run_name={recipe.name} · {name}", *recipe.overrides,
+                                           *variant.overrides], **recipe.eval.model_dump())
         found = {m: result[m] for m in recipe.metrics if m in result}
         if not found:
             raise ArpipeError(f"recipe {recipe.name}: none of the metrics {recipe.metrics} is among eval's results "

@@ -15,14 +15,15 @@ from pipeline.eval.samples import validation_items, write_samples
 from pipeline.export import load_any
 from pipeline.log import LOG, setup_logging
 from pipeline.models import check_ordering
-from pipeline.tracking import Tracker, ui_command
+from pipeline.tracking import Tracker, run_name, source_tags, ui_command
 from pipeline.train.dist import rank_env
 
 
 def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batch_size: int = 16,
              stride: int | None = None, samples: int = 4, prompts: int = 4, prompt_len: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 0, new_run: bool = False,
-             tracking_uri: str | None = None, experiment: str = "arpipe", out: str | None = None) -> dict:
+             tracking_uri: str | None = None, experiment: str | None = None, out: str | None = None) -> dict:
+    """Logs into the model's training run, or into a new run with `new_run` or an `experiment`."""
     rank, world, local_rank = rank_env()
     setup_logging(rank)
     device = torch.device("cpu")
@@ -48,9 +49,13 @@ def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batc
     result = evaluate_sources(model, sources, split, block_len, batch_size, rank=rank, world=world, stride=stride)
     result.update(step=step, split=split, model=str(model_path), data=data)
     if rank == 0:
-        run_id = None if new_run else meta.get("run_id")
-        tracker = Tracker(tracking_uri or meta.get("tracking_uri"), experiment, run_id=run_id,
-                          run_name=None if run_id else f"eval-{Path(model_path).name}")
+        run_id = None if new_run or experiment else meta.get("run_id")
+        trained = meta.get("run_name") or run_name(Path(model_path).name, meta["model"]["name"],
+                                                   sum(p.numel() for p in model.parameters()), codec.modality)
+        tracker = Tracker(tracking_uri or meta.get("tracking_uri"), experiment or "arpipe", run_id=run_id,
+                          run_name=f"eval {split} · {trained}", tags=source_tags("arpipe eval"))
+        for source in sources.values():
+            tracker.log_shards(source, {split: "evaluation"})
         tracker.log_metrics({f"{split}/{k}": v for k, v in headline(result).items()}, step)
         with tempfile.TemporaryDirectory() as tmp:
             length = prompt_len or codec.default_prompt_len

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import time
 import types
 from pathlib import Path
@@ -37,7 +36,7 @@ from pipeline.eval.nll import check_stride, evaluate_sources, headline
 from pipeline.export import full_fp32_state, save_export
 from pipeline.log import LOG, Progress, duration, setup_logging
 from pipeline.models import build_model, check_ordering
-from pipeline.tracking import Tracker, ui_command
+from pipeline.tracking import SystemMetrics, Tracker, run_name, source_tags, ui_command
 from pipeline.train.checkpoint import Checkpoints, rng_state, set_rng_state
 from pipeline.train.dist import rank_env
 from pipeline.train.ds_config import deepspeed_config
@@ -57,14 +56,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 # Dense peak FLOP/s per GPU for bf16 (and TF32 for fp32), by name, for the MFU estimate.
@@ -133,7 +124,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.rank, self.world, _ = rank_env()
+        self.rank, self.world, local_rank = rank_env()
         setup_logging(self.rank)
         deepspeed = start_deepspeed()
         self.stop = StopRequest()
@@ -178,6 +169,9 @@ class Trainer:
                                            num_workers=cfg.data.num_workers, shuffle_window=cfg.data.shuffle_window))
         self.resumed = self._resume(universal)
         self.tracker = self._start_tracking()
+        run_id = [self.tracker.run_id]  # for the other nodes' system metrics
+        dist.broadcast_object_list(run_id, src=0)
+        self.system = SystemMetrics(self.tracker, run_id[0]) if local_rank == 0 else None
         self.tokens_per_step = cfg.data.batch_size * self.model.num_vars * cfg.train.grad_accum * self.world
         self.peak_flops = gpu_peak_flops(cfg.train.precision)
 
@@ -196,8 +190,12 @@ class Trainer:
     def _start_tracking(self) -> Tracker:
         """The MLflow run (rank 0; a resumed run continues its own), the run's files in out_dir."""
         cfg, shards = self.cfg, self.shards
-        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=self.run_id,
-                          run_name=cfg.tracking.run_name or self.out.name, active=self.rank == 0,
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.label = Path(cfg.path).stem if cfg.path else self.out.name  # the config's name
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, run_id=self.run_id, active=self.rank == 0,
+                          run_name=cfg.tracking.run_name or run_name(self.label, cfg.model["name"], n_params,
+                                                                     self.codec.modality),
+                          tags=source_tags(cfg.path or self.out.name) if self.rank == 0 else None,
                           fallback=self.out / "mlflow-unsent.jsonl", flush_every=cfg.tracking.flush_every,
                           close_timeout=cfg.tracking.close_timeout)
         # a killed run may have sent metrics past the checkpoint it resumes from: they are logged
@@ -216,9 +214,9 @@ class Trainer:
             for name, source in self.sources.items():  # a mixture's manifests under data/NAME
                 tracker.log_artifact(source.meta_dir / "manifest.json",
                                      f"data/{name}" if len(self.sources) > 1 else None)
-        n_params = sum(p.numel() for p in self.model.parameters())
+                tracker.log_shards(source, {"train": "training", "val": "validation"})
         summary = self.model.summary()
-        tracker.set_tags({"world_size": self.world, "arpipe_version": __version__, "git_commit": git_commit(),
+        tracker.set_tags({"world_size": self.world, "arpipe_version": __version__,
                           "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
                           "parameters": n_params, "modality": self.codec.modality,
                           "data": " ".join(s.dir for s in self.sources.values()),
@@ -367,6 +365,8 @@ class Trainer:
     def leave_for_signal(self) -> dict:
         LOG.warning("stop requested by signal: checkpointing at step %d and exiting", self.step)
         self.save()
+        if self.system:
+            self.system.close()
         self.tracker.close("KILLED")
         marker = os.environ.get("ARPIPE_PREEMPT_MARKER")  # set by launch/slurm/train*.sbatch
         if marker and self.rank == 0:
@@ -381,11 +381,15 @@ class Trainer:
             self.save()
         final = self.evaluate()  # also with train.eval_every 0: the run ends with its validation figure
         state_dict = full_fp32_state(self.engine.module)
+        if self.system:
+            self.system.close()
         if self.rank == 0:
             export = save_export(self.out / "export", state_dict, cfg.model, self.codec.vocab_size, self.shape,
                                  self.shards.manifest["codec"], self.shards.meta_dir,
-                                 {"step": self.step, "run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
-                                  "data": self.shards.dir, "block_len": cfg.data.block_len})
+                                 {"step": self.step, "run_id": self.tracker.run_id, "run_name": self.tracker.run_name,
+                                  "tracking_uri": self.tracker.uri, "data": self.shards.dir,
+                                  "block_len": cfg.data.block_len})
+            self.tracker.log_model(export, f"{self.label}-{cfg.model['name']}", self.step, cfg.tracking.register_as)
             LOG.info("exported %s; MLflow: %s", export, ui_command(self.tracker.uri))
             self.tracker.close("FINISHED")
         dist.barrier()

@@ -84,5 +84,6 @@ variants:
     for r in rows:  # each variant's own run (training + eval) is nested under the recipe's
         child = client.get_run(r["run_id"])
         assert child.data.tags["mlflow.parentRunId"] == parent and "val/bits_per_dim" in child.data.metrics
+        assert child.info.run_name == f"test-orderings · {r['variant']}"
         codec = json.loads((tmp_path / "out" / r["variant"] / "export" / "codec.json").read_text())
         assert codec["ordering"] == r["variant"]

@@ -1,7 +1,10 @@
 """A real `mlflow server` on loopback (started here, through `arpipe mlflow-server`): a training
-run and its evaluation land in it, the UI shows them in headless Chromium, and killing the
-server mid-training loses nothing."""
+run on two nodes and an evaluation land in it as MLflow users know runs (names, source, user,
+git, datasets, logged and registered model, system metrics per node), the UI shows them in
+headless Chromium, and killing the server mid-training loses nothing."""
 
+import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -15,10 +18,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.train.dist import free_port
-from tests.conftest import ENV, REPO, arpipe, deepspeed_command, read_metrics
+from tests.conftest import ENV, REPO, read_metrics
 
 pytestmark = pytest.mark.slow
 SCREENSHOTS = REPO / "runs" / "screenshots"
+REGISTERED = "server-test-model"  # the tracked run's --register
 
 
 class MlflowServer:
@@ -47,6 +51,11 @@ class MlflowServer:
         self.proc.wait()
 
 
+def sh(command: list, uri: str) -> None:
+    result = subprocess.run(command, env={**ENV, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow") / "store")
@@ -57,10 +66,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tracked_run(server, tmp_path_factory, text_shards):
-    """A 2-process DeepSpeed training run and its evaluation, logged to the server."""
+    """A training run on two "nodes" (two torchrun agents on this host, one process each) that
+    registers its model, then `arpipe eval --experiment`, both logged to the server."""
     tmp = tmp_path_factory.mktemp("tracked")
-    env = {**ENV, "MLFLOW_TRACKING_URI": server.uri}
-    config = tmp / "config.yaml"
+    env = {**ENV, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    config = tmp / "tiny-text.yaml"
     config.write_text(f"""
 out_dir: {tmp / 'run'}
 data: {{path: {text_shards}, block_len: 32, batch_size: 4}}
@@ -68,20 +78,29 @@ model: {{name: gpt, n_layer: 2, n_head: 2, d_model: 32}}
 train: {{steps: 20, log_every: 5, ckpt_every: 10, eval_every: 10, zero_stage: 2}}
 tracking: {{experiment: server-test}}
 """)
-    subprocess.run(deepspeed_command(2, "--config", config), env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "pipeline", "eval", "--model", tmp / "run", "--data", text_shards,
-                    "--samples", "2", "--prompts", "2", "--out", tmp / "eval.json"], env=env, check=True,
-                   capture_output=True)
-    return json.loads((tmp / "eval.json").read_text())
+    port = str(free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               "-m", "pipeline.train", "--config", str(config), "--register", REGISTERED],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in range(2)]
+    for node in nodes:
+        output = node.communicate(timeout=600)[0]
+        assert node.returncode == 0, output[-5000:]
+    sh([sys.executable, "-m", "pipeline", "eval", "--model", tmp / "run", "--data", text_shards, "--samples", "2",
+        "--prompts", "2", "--experiment", "server-eval", "--out", tmp / "eval.json"], server.uri)
+    export = tmp / "run" / "export"
+    return {"export": export, "run_id": json.loads((export / "model.json").read_text())["run_id"],
+            "eval": json.loads((tmp / "eval.json").read_text())}
 
 
 def test_server_receives_params_metrics_tags_and_artifacts(server, tracked_run):
     client = MlflowClient(server.uri)
     run = client.get_run(tracked_run["run_id"])
-    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    params, tags = run.data.params, run.data.tags
     assert params["model.name"] == "gpt" and params["data.block_len"] == "32" and params["train.zero_stage"] == "2"
     assert tags["world_size"] == "2" and json.loads(tags["deepspeed_config"])["zero_optimization"]["stage"] == 2
-    assert len(tags["git_commit"]) >= 7 and len(tags["manifest_sha256"]) == 64
+    assert len(tags["manifest_sha256"]) == 64
     loss = client.get_metric_history(run.info.run_id, "train/loss_nats")
     assert [m.step for m in loss] == [5, 10, 15, 20]
     bits = client.get_metric_history(run.info.run_id, "train/loss_bits")
@@ -89,50 +108,175 @@ def test_server_receives_params_metrics_tags_and_artifacts(server, tracked_run):
     for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 4, key
     val = client.get_metric_history(run.info.run_id, "val/bits_per_byte")
-    assert sorted(m.step for m in val) == [10, 20, 20]  # periodic evaluations, then `arpipe eval`
-    assert metrics["val/bits_per_byte"] == pytest.approx(tracked_run["bits_per_byte"])
+    assert sorted(m.step for m in val) == [10, 20]  # periodic and final evaluation (`arpipe eval` went elsewhere)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "deepspeed.json", "manifest.json", "samples"} <= artifacts
-    samples = client.list_artifacts(run.info.run_id, "samples/val-step00000020")
-    assert {a.path.rsplit("/", 1)[-1] for a in samples} == {"samples.txt", "completions.txt"}
+    assert {"config.yaml", "deepspeed.json", "manifest.json"} <= artifacts
     assert run.info.status == "FINISHED"
 
 
-def test_run_page_in_a_real_browser(server, tracked_run):
+def test_run_has_a_name_source_user_git_and_datasets(server, tracked_run, text_shards):
+    """What fills the runs table's Run Name, Source, User and Dataset columns."""
+    from pipeline.export import load_export
+    from pipeline.tracking import run_name
+
+    run = MlflowClient(server.uri).get_run(tracked_run["run_id"])
+    model, _, _ = load_export(tracked_run["export"])
+    size = sum(p.numel() for p in model.parameters())
+    assert run.info.run_name == run_name("tiny-text", "gpt", size, "text") == f"tiny-text · gpt {size / 1e3:.3g}K · text"
+    tags = run.data.tags
+    assert tags["mlflow.source.name"].endswith("tiny-text.yaml") and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] == getpass.getuser()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert "-m pipeline.train --config" in tags["command"] and f"--register {REGISTERED}" in tags["command"]
+
+    manifest = text_shards / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    prefix = f"{text_shards.parent.name}/{text_shards.name}"
+    assert set(inputs) == {f"{prefix}/train", f"{prefix}/val"}
+    for split, context in (("train", "training"), ("val", "validation")):
+        dataset = inputs[f"{prefix}/{split}"]
+        assert {t.key: t.value for t in dataset.tags} == {"mlflow.data.context": context}
+        assert dataset.dataset.digest == digest and json.loads(dataset.dataset.source) == {"uri": str(text_shards)}
+        profile = json.loads(dataset.dataset.profile)
+        assert profile == json.loads(manifest.read_text())["splits"][split] and profile["tokens"] > 0
+
+
+def test_every_node_logs_system_metrics(server, tracked_run):
+    """Rank 0 and the other node's local rank 0 (a client of its own) both log CPU and memory."""
+    client = MlflowClient(server.uri)
+    keys = [k for k in client.get_run(tracked_run["run_id"]).data.metrics if k.startswith("system/")]
+    nodes = sorted({k.split("/")[1] for k in keys})
+    assert [n.split("-")[0] for n in nodes] == ["node0", "node1"], keys
+    for node in nodes:
+        for metric in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            history = client.get_metric_history(tracked_run["run_id"], f"system/{node}/{metric}")
+            assert history and all(m.value > 0 for m in history if metric.startswith("system_memory")), metric
+
+
+def test_export_is_the_runs_logged_and_registered_model(server, tracked_run, tmp_path):
+    """The export is an MLflow 3 logged model of the run, version 1 of --register's name, and what
+    `mlflow artifacts download` gives back loads in arpipe with the same exact likelihood."""
+    import torch
+
+    from pipeline.export import load_export
+
+    client = MlflowClient(server.uri)
+    run = client.get_run(tracked_run["run_id"])
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [(m.name, m.source_run_id, str(m.status)) for m in models] == \
+        [("tiny-text-gpt", run.info.run_id, "READY")]
+    assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]
+    assert models[0].tags["mlflow.user"] == getpass.getuser()
+    [version] = client.search_model_versions(f"name='{REGISTERED}'")
+    assert (str(version.version), version.run_id) == ("1", run.info.run_id)
+
+    out = tmp_path / "downloaded"
+    sh([sys.executable, "-m", "mlflow", "artifacts", "download", "--artifact-uri", f"models:/{REGISTERED}/1",
+        "--dst-path", out], server.uri)
+    export = tracked_run["export"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in export.iterdir())
+    for path in export.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    original, _, _ = load_export(export)
+    loaded, _, meta = load_export(out)
+    x = torch.randint(0, meta["vocab_size"], (3, *meta["shape"]))
+    assert torch.equal(loaded.log_prob(x), original.log_prob(x))
+
+
+def test_eval_with_experiment_logs_a_named_run_there(server, tracked_run):
+    client = MlflowClient(server.uri)
+    result = tracked_run["eval"]
+    run = client.get_run(result["run_id"])
+    training = client.get_run(tracked_run["run_id"])
+    assert run.info.run_id != training.info.run_id
+    assert client.get_experiment(run.info.experiment_id).name == "server-eval"
+    assert run.info.run_name == f"eval val · {training.info.run_name}"
+    assert run.data.tags["mlflow.source.name"] == "arpipe eval" and run.data.tags["mlflow.user"] == getpass.getuser()
+    assert [{t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs] == ["evaluation"]
+    assert run.data.metrics["val/bits_per_byte"] == pytest.approx(result["bits_per_byte"])
+    samples = client.list_artifacts(run.info.run_id, "samples/val-step00000020")
+    assert {a.path.rsplit("/", 1)[-1] for a in samples} == {"samples.txt", "completions.txt"}
+
+
+def test_ui_in_a_real_browser(server, tracked_run):
+    """The pages a user opens, with screenshots in runs/screenshots/: the runs table with filled
+    Dataset, Source and User columns, metrics, system metrics of both nodes, the logged model in
+    the run and the experiment, the registered model, and the eval run's samples."""
     chromium = shutil.which("chromium")
     if not chromium:  # CI installs it and sets ARPIPE_REQUIRE_BROWSER=1
         (pytest.fail if os.environ.get("ARPIPE_REQUIRE_BROWSER") == "1" else pytest.skip)(
             "Debian's chromium is not installed (apt-get install chromium)")
     import playwright.sync_api as playwright
 
+    client = MlflowClient(server.uri)
+    run = client.get_run(tracked_run["run_id"])
+    eval_run = client.get_run(tracked_run["eval"]["run_id"])
+    experiment = f"{server.uri}/#/experiments/{run.info.experiment_id}"
+    mode = "?workflowType=machine_learning"  # "Model training" mode, not the GenAI landing page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    base = f"{server.uri}/#/experiments/{MlflowClient(server.uri).get_run(tracked_run['run_id']).info.experiment_id}" \
-           f"/runs/{tracked_run['run_id']}"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        page.set_default_timeout(120_000)  # a loaded 2-core machine renders slowly; nothing here waits forever
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{base}/model-metrics?workflowType=machine_learning", wait_until="domcontentloaded")
-        page.locator(".js-plotly-plot").first.wait_for(timeout=90_000)
-        for metric in ("train/loss_nats", "train/loss_bits", "val/bits_per_byte"):  # chart legends: "run (train/…)"
-            page.get_by_text(f"({metric})").first.wait_for(timeout=30_000)
-        try:  # the assistant side panel covers a third of the page
-            page.get_by_role("button", name="Close").last.click(timeout=3_000)
-        except playwright.Error:
-            pass
-        page.screenshot(path=str(SCREENSHOTS / "mlflow-run-metrics.png"), full_page=True)
 
-        page.goto(f"{base}/artifacts?workflowType=machine_learning", wait_until="domcontentloaded")
-        page.get_by_text("samples", exact=True).first.click(timeout=60_000)
-        page.get_by_text("val-step00000020", exact=True).first.click(timeout=30_000)
-        page.get_by_text("samples.txt", exact=True).first.click(timeout=30_000)
-        page.get_by_text("=== samples 0 ===").first.wait_for(timeout=30_000)  # the file's content is shown
-        page.screenshot(path=str(SCREENSHOTS / "mlflow-run-samples.png"), full_page=True)
+        def wait_for(*texts: str):  # visible ones: the SPA keeps hidden copies of earlier pages' charts
+            for text in texts:
+                page.get_by_text(text).filter(visible=True).first.wait_for()
+
+        def screenshot(name: str) -> str:
+            page.screenshot(path=str(SCREENSHOTS / name), animations="disabled")  # the pages scroll inside a panel
+            return page.inner_text("body")
+
+        def visit(url: str, *texts: str, shot: str | None) -> str:
+            """Open url, wait until every text is on the page, close the assistant, show the last
+            text (pages scroll inside a panel, so a full-page screenshot does not), screenshot."""
+            page.goto(url, wait_until="domcontentloaded")
+            wait_for(*texts)
+            try:  # the assistant side panel covers a third of the page
+                page.get_by_role("button", name="Close").last.click(timeout=3_000)
+            except playwright.Error:
+                pass
+            page.get_by_text(texts[-1]).filter(visible=True).first.evaluate("e => e.scrollIntoView()")  # no wait for stable charts
+            return screenshot(shot) if shot else page.inner_text("body")
+
+        visit(f"{experiment}/runs{mode}", run.info.run_name, shot=None)
+        page.get_by_role("button", name="Columns").click()
+        page.get_by_text("User", exact=True).last.click()  # the User column is hidden by default
+        page.keyboard.press("Escape")
+        wait_for(getpass.getuser())
+        table = screenshot("mlflow-runs.png")
+        row = table[table.index(run.info.run_name):]
+        for text in ("/train", "Training", "tiny-text.yaml", getpass.getuser(), REGISTERED):
+            assert text in row, (text, row[:500])
+
+        visit(f"{experiment}/runs/{run.info.run_id}/model-metrics{mode}", "(train/loss_nats)", "(train/loss_bits)",
+              "bits_per_byte", shot="mlflow-run-metrics.png")  # charts below the fold render when scrolled to
+        visit(f"{experiment}/runs/{run.info.run_id}/system-metrics{mode}", "system/node1-", "system/node0-", shot=None)
+        page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 6")  # node0's charts drawn
+        system = screenshot("mlflow-run-system-metrics.png")
+        assert system.count("cpu_utilization_percentage") >= 2 and system.count("system_memory_usage_megabytes") >= 2
+        overview = visit(f"{experiment}/runs/{run.info.run_id}{mode}", "tiny-text-gpt", "Logged models",
+                         shot="mlflow-run-overview.png")
+        for text in ("/train", "Training", "tiny-text.yaml", getpass.getuser(), REGISTERED):
+            assert text in overview, text
+        visit(f"{experiment}/models{mode}", "tiny-text-gpt", "Ready", run.info.run_name,
+              shot="mlflow-experiment-models.png")
+        visit(f"{server.uri}/#/models/{REGISTERED}", "Version 1", shot="mlflow-registered-model.png")
+
+        visit(f"{server.uri}/#/experiments/{eval_run.info.experiment_id}/runs/{eval_run.info.run_id}/artifacts{mode}",
+              "samples", shot=None)
+        page.get_by_text("samples", exact=True).first.click()
+        page.get_by_text("val-step00000020", exact=True).first.click()
+        page.get_by_text("samples.txt", exact=True).first.click()
+        page.get_by_text("=== samples 0 ===").first.wait_for()  # the file's content is shown
+        screenshot("mlflow-run-samples.png")
         browser.close()
-    assert (SCREENSHOTS / "mlflow-run-metrics.png").stat().st_size > 10_000
     assert not errors, errors
 
 
