@@ -88,10 +88,11 @@ def epoch_requests(url: str, log: Path, prefix: str) -> tuple[int, int]:
 
     since = log.stat().st_size
     batches = Batches(TokenStream(Shards(url), "train", 1024, 16, seed=0))
-    while batches.stream.states[0]["epoch"] == 0:
+    source = batches.stream.sources[0]
+    while batches.stream.states[0][0]["epoch"] == 0:  # worker 0's state of its only source
         next(batches)
-    chunks = len(batches.stream.chunks)
-    return tar_gets(log, since, prefix), chunks + min(chunks, batches.stream.window_size)
+    chunks = len(source.chunks)
+    return tar_gets(log, since, prefix), chunks + min(chunks, source.window_size)
 
 
 def main(argv=None):

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", type=int, default=4, help="completions of validation items' starts")
     ev.add_argument("--prompt-len", type=_positive,
                     help="variables given to each completion (default: the codec's: 32 tokens, half an image)")
+    ev.add_argument("--sample-length", type=_positive,
+                    help="variables per sample and completion (default: the model's block_len); longer: as "
+                         "`arpipe sample --length` (GPT and Llama slide their window by --stride, WaveNet and GRU "
+                         "run on)")
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--top-k", type=int)
     ev.add_argument("--seed", type=int, default=0)
@@ -240,7 +244,8 @@ def run(argv: list[str]) -> None:
         from pipeline.eval.run import run_eval
 
         run_eval(args.model, args.data, split=args.split, batch_size=args.batch_size, stride=args.stride,
-                 samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len, temperature=args.temperature,
+                 samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len,
+                 sample_length=args.sample_length, temperature=args.temperature,
                  top_k=args.top_k, seed=args.seed, new_run=args.new_run, tracking_uri=args.tracking_uri,
                  experiment=args.experiment, out=args.out)
         leave_together()

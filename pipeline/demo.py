@@ -132,7 +132,9 @@ def audio_leg(out: Path, configs: Path, steps: int | None) -> tuple[str, dict]:
          "--clip-seconds", "2", "--workers", "2", "--chunk-mb", "0.25", "--val-fraction", "0.1"])
     config = configs / "demo-audio.yaml"
     half = load_config(config).data.block_len // 2  # completions continue the first half of a clip
-    result = train_and_eval(config, shards, out / "train", steps, samples=2, prompts=2, prompt_len=half)
+    # 3-second samples: WaveNet's queues run on past block_len
+    result = train_and_eval(config, shards, out / "train", steps, samples=2, prompts=2, prompt_len=half,
+                            sample_length=3 * 8000)
     return (f"{result['bits_per_sample']:.3f} bits/sample ({result['nats_per_sample']:.3f} nats/sample over "
             f"{result['samples']} samples of {what}; a uniform 256-level code needs 8)"), result
 

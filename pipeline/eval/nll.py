@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pipeline import ArpipeError
 from pipeline.data.shards import Shards
 from pipeline.data.stream import eval_blocks, split_bytes
+from pipeline.log import Progress
 
 SUMMED = ("nats", "nats_sliding", "items", "bytes")  # with the variable count: what adds up over shard sets
 
@@ -28,7 +29,7 @@ def check_stride(model, codec, block_len: int, stride: int | None) -> None:
 
 
 @torch.no_grad()
-def _sum_nll(model, codec, batches, T: int, distributed: bool) -> tuple[list[float], torch.Tensor]:
+def _sum_nll(model, codec, batches, T: int, distributed: bool, progress) -> tuple[list[float], torch.Tensor]:
     """(nats, scored variables, rows with any) summed over this rank's batches and all-reduced,
     and for a multimodal codec the same per part: (nats, marker nats, variables, items) × parts.
     Ranks step in lockstep, padding with empty batches, because a ZeRO-3 forward pass is a
@@ -52,6 +53,7 @@ def _sum_nll(model, codec, batches, T: int, distributed: bool) -> tuple[list[flo
         nll = model.token_nll(model.from_data(x.to(device))).double()  # in the model's ordering
         mask = model.to_sequence(model.from_data(mask.to(device)))
         total += torch.stack([(nll * mask).sum(), mask.sum().double(), mask.any(1).sum().double()])
+        progress.update(int(mask.sum()))
         if parts:
             before, last = torch.cat([last, x[:-1, -1]]), x[-1:, -1]
             part = F.one_hot(codec.token_parts(x, before), len(parts)).to(device).double()
@@ -60,6 +62,7 @@ def _sum_nll(model, codec, batches, T: int, distributed: bool) -> tuple[list[flo
             opener = model.to_sequence(model.from_data((x.to(device) >= 1) & (x.to(device) <= len(parts))))[..., None]
             by_part += torch.stack([(nll[..., None] * part).sum((0, 1)), (nll[..., None] * part * marker).sum((0, 1)),
                                     (part * ~marker).sum((0, 1)), (part * opener).sum((0, 1))])
+    progress.close()
     if distributed:
         dist.all_reduce(total)
         dist.all_reduce(by_part)
@@ -81,10 +84,16 @@ def evaluate_nll(model, shards: Shards, split: str, block_len: int, batch_size: 
     distributed = dist.is_available() and dist.is_initialized() and world > 1
     T = codec.sequence_length(block_len)
 
+    # this rank's variables (with text's EOS tokens): each is scored once, by blocks or windows
+    mine = sum(e["tokens"] + (e["items"] if codec.stream_mode == "pack" else 0)
+               for _, e in shards.chunks(split)[:max_chunks][rank::world])
+
     def score(window_stride):
         batches = eval_blocks(shards, split, block_len, batch_size, rank=rank, world=world, max_chunks=max_chunks,
                               stride=window_stride)
-        return _sum_nll(model, codec, batches, T, distributed)
+        progress = Progress(mine, f"eval {split}{' sliding' if window_stride else ''}", unit=codec.unit,
+                            active=rank == 0)
+        return _sum_nll(model, codec, batches, T, distributed, progress)
 
     (nats, count, rows), by_part = score(None)
     totals = {"nats": nats, codec.unit + "s": int(count)}

@@ -21,6 +21,7 @@ from pipeline.train.dist import rank_env
 
 def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batch_size: int = 16,
              stride: int | None = None, samples: int = 4, prompts: int = 4, prompt_len: int | None = None,
+             sample_length: int | None = None,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 0, new_run: bool = False,
              tracking_uri: str | None = None, experiment: str | None = None, out: str | None = None) -> dict:
     """Logs into the model's training run, or into a new run with `new_run` or an `experiment`."""
@@ -61,7 +62,7 @@ def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batc
             length = prompt_len or codec.default_prompt_len
             files = write_samples(model, codec, validation_items(shards, split, prompts, length), Path(tmp),
                                   samples=samples, temperature=temperature, top_k=top_k, seed=seed,
-                                  prompt_len=length)
+                                  prompt_len=length, length=sample_length, stride=stride)
             for path in files:
                 tracker.log_artifact(path, f"samples/{split}-step{step:08d}")
                 if path.suffix == ".txt":

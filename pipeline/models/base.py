@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline import ArpipeError
+from pipeline.log import Progress
 
 
 class ARModel(nn.Module):
@@ -191,6 +192,7 @@ class ARModel(nn.Module):
             out[:, :p] = prefix
         window, fed = 0, 0  # the current window's first variable; variables [window, fed) are in the cache
         cache = logits = None
+        progress = Progress(length - p, "sample", unit="variable")
         for i in range(p, length):
             first = 0 if self.long_samples != "window" or i < T else (i - T + stride) // stride * stride
             if cache is None or first != window:  # a new window: the start vector, then its first variables
@@ -199,6 +201,8 @@ class ARModel(nn.Module):
                 logits = step(cache, out[:, fed:i])
                 fed = i
             out[:, i] = draw(logits, temperature, top_k, generator)
+            progress.update()
+        progress.close()
         self.train(was_training)
         return self.from_sequence(out) if length == T else out
 
