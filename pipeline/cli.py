@@ -5,53 +5,49 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import ArpipeError
+from pipeline import ArpipeError, __version__
 from pipeline.codecs import codec_classes
+from pipeline.stages import add_shard_options, positive, shard
 
 
 PREEMPTED = 75  # EX_TEMPFAIL: the trainer checkpointed on SIGTERM/SIGUSR1; job scripts requeue on it
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help where there is a default to show (not for
+    flags, and not for options without one, whose help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def _fraction(value: str) -> float:
-    x = float(value)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {x}")
-    return x
+class Parser(argparse.ArgumentParser):
+    """`arpipe` and every (sub-)command under it (add_subparsers makes its parsers of this class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
-def add_stage_options(p: argparse.ArgumentParser) -> None:
-    """Options every `arpipe shard <modality>` shares."""
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="input files, directories or globs (** recurses)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
-    p.add_argument("--workers", type=_positive, default=1, help="parallel processes on this machine (default 1)")
-    p.add_argument("--task", type=int, help="run only task I (a Slurm array element), then stop")
-    p.add_argument("--num-tasks", type=_positive, help="number of tasks the inputs are cut into "
-                   "(default: --workers; fixed by the first run)")
-    p.add_argument("--finalize", action="store_true", help="only merge the done tasks' results into manifest.json")
-    p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of items in the val split (default 0.05)")
-    p.add_argument("--chunk-mb", type=float, default=2.0, help="MB of tokens per WebDataset sample (default 2)")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="MB per tar shard (default 256)")
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits when sampling: below 1 sharper, above 1 flatter, 0 greedy "
+                        "(likelihoods always use 1)")
+    p.add_argument("--top-k", type=int, help="sample only among the K most likely values (default, or 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' random draws")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arpipe", description=__doc__.split("\n")[0].strip("`"),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog="arpipe", description=__doc__.split("\n")[0].strip("`"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     shard = sub.add_parser("shard", help="turn raw data into token shards and a manifest")
     modality = shard.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name, codec in codec_classes().items():
-        stage = modality.add_parser(name, help=codec.help, description=codec.help)
-        add_stage_options(stage)
-        codec.add_arguments(stage)
+        add_shard_options(modality.add_parser(name, help=codec.help, description=codec.help), codec)
 
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -61,15 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
     ev.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
     ev.add_argument("--data", required=True, help="shard directory")
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--batch-size", type=_positive, default=16)
+    ev.add_argument("--split", default="val", help="the split to score: val or train")
+    ev.add_argument("--batch-size", type=positive, default=16,
+                    help="blocks per forward pass on each rank (speed and memory only: the result is the same)")
     ev.add_argument("--samples", type=int, default=4, help="unconditional samples")
     ev.add_argument("--prompts", type=int, default=4, help="completions of validation items' starts")
-    ev.add_argument("--prompt-len", type=_positive,
+    ev.add_argument("--prompt-len", type=positive,
                     help="variables given to each completion (default: the codec's: 32 tokens, half an image)")
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top-k", type=int)
-    ev.add_argument("--seed", type=int, default=0)
+    add_sampling_options(ev)
     ev.add_argument("--new-run", action="store_true", help="log to a new MLflow run, not the training run")
     ev.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
     ev.add_argument("--out", help="also write the results as JSON here")
@@ -77,20 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="draw samples from an exported model")
     sample.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
     sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
-    sample.add_argument("-n", type=_positive, default=4, help="number of samples")
+    sample.add_argument("-n", type=positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--seed", type=int, default=0)
+    add_sampling_options(sample)
 
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
                             "artifacts; point runs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.")
     server.add_argument("--store", type=Path, default=Path("mlruns"),
-                        help="directory of mlflow.db and artifacts/ (default mlruns: the embedded store runs use)")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    server.add_argument("--port", type=int, default=5000)
-    server.add_argument("--workers", type=_positive, default=1)
+                        help="directory of mlflow.db and artifacts/ (mlruns: the embedded store runs use)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=5000, help="port to listen on")
+    server.add_argument("--workers", type=positive, default=1, help="server worker processes")
 
     mlimport = sub.add_parser("mlflow-import", help="send metrics a run could not deliver to MLflow")
     mlimport.add_argument("file", type=Path, help="a run's mlflow-unsent.jsonl")
@@ -99,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit shard -> train -> eval as dependent Slurm jobs",
                             description="Submit the chain shard -> train -> eval to Slurm (afterok "
                             "dependencies) from the config's `slurm` section.")
-    submit.add_argument("--config", required=True)
+    submit.add_argument("--config", required=True, help="YAML config with a `slurm` section (see configs/)")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, passed to training too")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch commands and scripts, submit nothing")
 
@@ -109,33 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "recipe's metric per variant as a table in a parent MLflow run.")
     recipe.add_argument("recipe", type=Path, help="recipe YAML")
     recipe.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
-    recipe.add_argument("--steps", type=_positive, help="override train.steps of every variant (for a quick try)")
+    recipe.add_argument("--steps", type=positive, help="override train.steps of every variant (for a quick try)")
     recipe.add_argument("--variants", nargs="+", help="run only these variants (default: all)")
 
     demo = sub.add_parser("demo", help="shard -> train (2 DeepSpeed processes) -> eval on bundled text, audio "
                                        "and images")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="where shards and runs go (default: %(default)s)")
+                      help="where shards and runs go")
     demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
                       help="the text leg's config; the other legs' (demo-audio.yaml, demo-image.yaml) are "
-                           "read from its folder (default: %(default)s)")
+                           "read from its folder")
     demo.add_argument("--steps", type=int, help="override train.steps of every leg (for a quick try)")
     demo.add_argument("--legs", nargs="+", choices=["text", "audio", "image"],
                       help="run only these legs (default: all)")
     return parser
-
-
-def shard(args) -> None:
-    from pipeline.data.shards import run_stage
-    from pipeline.data.sources import expand_inputs
-
-    codec = codec_classes()[args.modality]
-    settings = {"modality": args.modality, "val_fraction": args.val_fraction,
-                "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
-                **codec.shard_settings(args)}
-    inputs = [] if args.finalize else expand_inputs(args.input)
-    run_stage(args.out, settings, inputs, codec.maker(settings, args), workers=args.workers,
-              num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 
 
 def run(argv: list[str]) -> None:
@@ -145,7 +125,7 @@ def run(argv: list[str]) -> None:
 
     setup_logging()
     if args.command == "shard":
-        shard(args)
+        shard(args.modality, args)
     elif args.command == "train":
         from pipeline.config import load_config
         from pipeline.train.trainer import train
