@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
+    train.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON",
+                       help="a DeepSpeed JSON config, merged over the YAML's deepspeed: section (KEY=VALUE "
+                            "overrides still win); batch sizes, clipping, precision and ZeRO stage must agree "
+                            "with the YAML's")
+    train.add_argument("--deepspeed", action="store_true",
+                       help="accepted as in DeepSpeed's examples; arpipe always trains with DeepSpeed")
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
@@ -130,7 +136,7 @@ def run(argv: list[str]) -> None:
         from pipeline.config import load_config
         from pipeline.train.trainer import train
 
-        stopped = train(load_config(args.config, args.overrides)).get("stopped")
+        stopped = train(load_config(args.config, args.overrides, args.deepspeed_config)).get("stopped")
         # under a job script (which requeues) every rank exits 0, else srun would kill the slower ones
         exit_code = PREEMPTED if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER") else 0
         leave_together(exit_code)

@@ -4,11 +4,12 @@ Every section forbids unknown keys, so a typo is an error that names the key and
 from (the file or the command line), never a silently ignored setting.
 """
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from pipeline import ArpipeError
 
@@ -114,6 +115,8 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     deepspeed: dict = {}  # passed through to DeepSpeed over the config derived from the above
     slurm: SlurmConfig = SlurmConfig()
+    # (path, JSON) of `--deepspeed_config`, merged into `deepspeed`: its errors name the file
+    _deepspeed_json: tuple[str, dict] | None = PrivateAttr(None)
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -140,7 +143,21 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def read_deepspeed_json(path: str | Path) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ArpipeError(f"cannot read --deepspeed_config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ArpipeError(f"--deepspeed_config {path}: invalid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ArpipeError(f"--deepspeed_config {path}: expected a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def load_config(path: str | Path, overrides: list[str] = (), deepspeed_json: str | Path | None = None) -> Config:
+    """The YAML at `path`, then the DeepSpeed JSON config `deepspeed_json` (`--deepspeed_config`)
+    merged over its `deepspeed:` section, then the command line's `key=value` overrides."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -150,8 +167,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ArpipeError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ArpipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if deepspeed_json:
+        ds = read_deepspeed_json(deepspeed_json)
+        raw = merge(raw, {"deepspeed": ds})
     from_cli = parse_overrides(list(overrides))
-    return validate(merge(raw, from_cli), str(path), from_cli)
+    config = validate(merge(raw, from_cli), str(path), from_cli)
+    if deepspeed_json:
+        config._deepspeed_json = (str(deepspeed_json), ds)
+    return config
 
 
 def validate(raw: dict, source: str, from_cli: dict = {}) -> Config:
