@@ -88,6 +88,7 @@ class SlurmTrain(SlurmJob):
     tasks_per_node: int = 1  # ranks per node: one per GPU
     gpus_per_node: int = 0
     launcher: Literal["srun", "deepspeed"] = "srun"  # srun per rank, or the deepspeed launcher per node
+    cpus_per_rank: int | None = None  # CPUs for each rank and its DataLoader workers; None: 1 + data.num_workers
     signal: str = "USR1@300"  # checkpoint and requeue this long before the time limit
 
 
