@@ -99,7 +99,8 @@ def test_deepspeed_launcher_over_ssh_on_two_hosts(tmp_path, train_config, sshd):
     assert "127.0.0.1: " in log and "127.0.0.2: " in log
     state = json.loads((run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
-    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6] and all(m["loss"] > 0 for m in read_metrics(run))
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and all(m["loss"] > 0 for m in metrics)
     assert (run / "export" / "model.safetensors").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # train_config's store
     assert client.get_run(state["run_id"]).data.tags["world_size"] == "2"

@@ -71,7 +71,8 @@ def test_deepspeed_json_is_merged_and_checked_naming_the_file(tmp_path):
     assert ds["zero_optimization"] == {"stage": 0, "overlap_comm": True, "reduce_bucket_size": 1000}
     assert ds["wall_clock_breakdown"] is True and ds["steps_per_print"] == 9
     for bad, message in [({"train_batch_size": 3}, "train_batch_size=3 contradicts data.batch_size"),
-                         ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2 contradicts train.zero_stage"),
+                         ({"zero_optimization": {"stage": 2}},
+                          "zero_optimization.stage=2 contradicts train.zero_stage"),
                          ({"bf16": {"enabled": True}}, "bf16.enabled=True contradicts train.precision"),
                          ({"optimizer": {"type": "Adam"}}, "optimizer is not supported")]:
         ds_json.write_text(json.dumps(bad))
