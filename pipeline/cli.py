@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline import ArpipeError, __version__
 from pipeline.codecs import codec_classes
-from pipeline.stages import add_shard_options, positive, shard
+from pipeline.stages import add_shard_options, local_path, positive, shard
 
 
 PREEMPTED = 75  # EX_TEMPFAIL: the trainer checkpointed on SIGTERM/SIGUSR1; job scripts requeue on it
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
-    ev.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    ev.add_argument("--data", required=True, help="shard directory")
+    ev.add_argument("--model", required=True, type=local_path,
+                    help="an export, a run's out_dir, or a checkpoint directory")
+    ev.add_argument("--data", required=True, help="shard directory, or its s3://bucket/prefix")
     ev.add_argument("--split", default="val", help="the split to score: val or train")
     ev.add_argument("--batch-size", type=positive, default=16,
                     help="blocks per forward pass on each rank (speed and memory only: the result is the same)")
@@ -73,14 +74,67 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(ev)
     ev.add_argument("--new-run", action="store_true", help="log to a new MLflow run, not the training run")
     ev.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
-    ev.add_argument("--out", help="also write the results as JSON here")
+    ev.add_argument("--out", type=local_path, help="also write the results as JSON here")
 
     sample = sub.add_parser("sample", help="draw samples from an exported model")
-    sample.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
+    sample.add_argument("--model", required=True, type=local_path,
+                        help="an export, a run's out_dir, or a checkpoint directory")
+    sample.add_argument("--out", type=local_path, help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
+    sample.add_argument("--modality", choices=["text", "image", "audio"],
+                        help="a multimodal model's items of this modality (opened with its token), each "
+                             "rendered as .txt, PNG or WAV")
+    sample.add_argument("--length", type=positive,
+                        help="variables per sample (tokens, audio samples), prompt included (default: the "
+                             "model's block_len); beyond it GPT and Llama slide their context window (--stride), "
+                             "WaveNet and GRU run on, image and classic models refuse")
+    sample.add_argument("--stride", type=positive,
+                        help="for --length beyond a GPT's or Llama's context: the window moves on this many "
+                             "variables when full, so each sees at least block_len - stride before it, the "
+                             "conditionals `arpipe eval --stride` scores (default: block_len // 2)")
     add_sampling_options(sample)
+
+    export_hf = sub.add_parser("export-hf", help="write a text GPT or Llama as a Hugging Face transformers directory",
+                               description="Write a text GPT or Llama as a transformers GPT2LMHeadModel or "
+                               "LlamaForCausalLM directory with its tokenizer (AutoModelForCausalLM / "
+                               "AutoTokenizer.from_pretrained load it). The BOS the tokenizer puts first carries "
+                               "the model's start vector and no token is added, so every probability is arpipe's.")
+    export_hf.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    export_hf.add_argument("--out", required=True, type=Path, help="directory for the transformers files")
+
+    comp = sub.add_parser("compress", help="compress files losslessly with a model's exact conditionals",
+                          description="Range-code files with a model's conditionals: text (any bytes), images "
+                          "(pixel-exact at 256 levels), audio (its μ-law stream). Decompress with the same model, "
+                          "versions and kind of machine (the file records them).")
+    comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    comp.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, directories or globs")
+    comp.add_argument("--out", required=True, help="the compressed file to write")
+    comp.add_argument("--batch", type=positive, default=16, help="rows coded in parallel (recorded)")
+    comp.add_argument("--stride", type=positive,
+                      help="variables coded per context window beyond the model's length (default: half of it)")
+    comp.add_argument("--threads", type=positive, default=1,
+                      help="torch threads (recorded: decompression uses the same)")
+    comp.add_argument("--segment", type=positive, default=16384,
+                      help="code items longer than this many variables in pieces, each from an empty context, "
+                           "in parallel rows: faster for a few long files, a little larger")
+
+    decomp = sub.add_parser("decompress", help="restore the files of an `arpipe compress` file")
+    decomp.add_argument("file", help="the compressed file")
+    decomp.add_argument("--model", required=True, help="the model it was compressed with")
+    decomp.add_argument("--out", required=True, help="directory for the restored files")
+
+    fill = sub.add_parser("complete", help="fill the missing part of an image from p(missing | observed), exactly",
+                          description="Sample the missing part of an image from the model's exact conditional given "
+                          "the observed part (models whose ordering can put the observed part first; others are "
+                          "refused with what would work), report its NLL, write a PNG grid and complete.json.")
+    fill.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    fill.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
+    fill.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
+                      "left-half, right-half, top-half, bottom-half, center-square, random-P%% (e.g. random-50%%)")
+    fill.add_argument("-n", "--samples", type=positive, default=4, help="completions to draw")
+    fill.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
+    fill.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
 
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
@@ -153,8 +207,27 @@ def run(argv: list[str]) -> None:
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text
 
-        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
+        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out,
+                                args.length, args.stride, args.modality):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "compress":
+        from pipeline.compress import compress
+
+        compress(args.model, args.input, args.out, batch=args.batch, stride=args.stride, threads=args.threads,
+                 segment=args.segment)
+    elif args.command == "decompress":
+        from pipeline.compress import decompress
+
+        for path in decompress(args.file, args.model, args.out):
+            print(path)
+    elif args.command == "complete":
+        from pipeline.complete import complete
+
+        complete(args.model, args.input, args.mask, samples=args.samples, seed=args.seed, out=args.out)
+    elif args.command == "export-hf":
+        from pipeline.hf import export_hf
+
+        print(export_hf(args.model, args.out))
     elif args.command == "mlflow-server":
         from pipeline.tracking import serve
 

@@ -13,6 +13,8 @@ from tests.conftest import arpipe
     (["eval", "--model", "/nonexistent", "--data", "/nonexistent"], "/nonexistent is neither an export nor"),
     (["train", "--config", "configs/demo.yaml", "train.stepz=3"], "command line: train.stepz: Extra inputs"),
     (["train", "--config", "configs/demo.yaml", "data.path=/nonexistent"], "/nonexistent/manifest.json not found"),
+    (["decompress", "README.md", "--model", "/nonexistent", "--out", "x"], "README.md is not an arpipe compressed file"),
+    (["shard", "multi", "--out", "/tmp/arpipe-never"], "needs at least one of --text, --image, --audio"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = arpipe(*args, check=False)
@@ -34,9 +36,11 @@ def test_task_needs_num_tasks(tmp_path, corpus):
 
 
 @pytest.mark.parametrize("command, shown", [
-    ([], "--version"), (["shard", "text"], "tokenizer of this size (default: 8192)"), (["train"], "--config"),
+    ([], "--version"), (["shard", "text"], "tokenizer of this size (default: 8192)"),
+    (["shard", "multi"], "a finished text shard set"), (["train"], "--deepspeed_config"),
     (["eval"], "the split to score: val or train (default: val)"), (["sample"], "(default: 1.0)"),
-    (["demo"], "(default: runs/demo)"),
+    (["demo"], "(default: runs/demo)"), (["compress"], "rows coded in parallel (recorded) (default: 16)"),
+    (["decompress"], "the model it was compressed with"), (["complete"], "(default: completions)"),
 ])
 def test_help(command, shown):
     result = arpipe(*command, "--help")
@@ -67,4 +71,5 @@ def test_every_option_has_help_and_its_default_shown_once():
             assert action.help, f"{where} has no help"
             if action.default is not None and action.default is not False and action.help:
                 assert "default" not in action.help, f"{where} states its default by hand: {action.help!r}"
-                assert "".join(f"{action.help} (default: {action.default})".split()) in text, where
+                shown = f"{action.help.replace('%%', '%')} (default: {action.default})"  # argparse's % escape
+                assert "".join(shown.split()) in text, where
