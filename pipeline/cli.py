@@ -5,116 +5,107 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import ArpipeError
+from pipeline import ArpipeError, __version__
 from pipeline.codecs import codec_classes
+from pipeline.stages import add_shard_options, local_path, positive, shard
 
 
 PREEMPTED = 75  # EX_TEMPFAIL: the trainer checkpointed on SIGTERM/SIGUSR1; job scripts requeue on it
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help where there is a default to show (not for
+    flags, and not for options without one, whose help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def _fraction(value: str) -> float:
-    x = float(value)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {x}")
-    return x
+class Parser(argparse.ArgumentParser):
+    """`arpipe` and every (sub-)command under it (add_subparsers makes its parsers of this class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
-def _local(value: str) -> str:
-    if "://" in value:
-        raise argparse.ArgumentTypeError(f"{value} is a URL; object storage holds shards only (shard --out, "
-                                         f"eval --data, data.path): give a local or shared file system path")
-    return value
-
-
-def add_stage_options(p: argparse.ArgumentParser) -> None:
-    """Options every `arpipe shard <modality>` shares."""
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", type=_local,
-                   help="input files, directories or globs (** recurses)")
-    p.add_argument("--out", required=True, help="output directory for shards and manifest.json, or an object "
-                   "store URL (s3://bucket/prefix; AWS_ENDPOINT_URL and credentials from the environment)")
-    p.add_argument("--workers", type=_positive, default=1, help="parallel processes on this machine (default 1)")
-    p.add_argument("--task", type=int, help="run only task I (a Slurm array element), then stop")
-    p.add_argument("--num-tasks", type=_positive, help="number of tasks the inputs are cut into "
-                   "(default: --workers; fixed by the first run)")
-    p.add_argument("--finalize", action="store_true", help="only merge the done tasks' results into manifest.json")
-    p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of items in the val split (default 0.05)")
-    p.add_argument("--chunk-mb", type=float, default=2.0, help="MB of tokens per WebDataset sample (default 2)")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="MB per tar shard (default 256)")
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits when sampling: below 1 sharper, above 1 flatter, 0 greedy "
+                        "(likelihoods always use 1)")
+    p.add_argument("--top-k", type=int, help="sample only among the K most likely values (default, or 0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' random draws")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arpipe", description=__doc__.split("\n")[0].strip("`"),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(prog="arpipe", description=__doc__.split("\n")[0].strip("`"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     shard = sub.add_parser("shard", help="turn raw data into token shards and a manifest")
     modality = shard.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name, codec in codec_classes().items():
-        stage = modality.add_parser(name, help=codec.help, description=codec.help)
-        if codec.reads_raw_inputs:
-            add_stage_options(stage)
-        codec.add_arguments(stage)
+        add_shard_options(modality.add_parser(name, help=codec.help, description=codec.help), codec)
 
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=100")
     train.add_argument("--register", metavar="NAME", help="register the exported model in MLflow's model registry "
                        "under NAME (a new version each run; same as tracking.register_as=NAME)")
+    train.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON",
+                       help="a DeepSpeed JSON config, merged over the YAML's deepspeed: section (KEY=VALUE "
+                            "overrides still win); batch sizes, clipping, precision and ZeRO stage must agree "
+                            "with the YAML's")
+    train.add_argument("--deepspeed", action="store_true",
+                       help="accepted as in DeepSpeed's examples; arpipe always trains with DeepSpeed")
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
-    ev.add_argument("--model", required=True, type=_local, help="an export, a run's out_dir, or a checkpoint directory")
+    ev.add_argument("--model", required=True, type=local_path,
+                    help="an export, a run's out_dir, or a checkpoint directory")
     ev.add_argument("--data", required=True, nargs="+", help="shard directory, or its s3://bucket/prefix; several (a "
                     "mixture's sources): each is reported, and all together")
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--batch-size", type=_positive, default=16)
-    ev.add_argument("--stride", type=_positive,
+    ev.add_argument("--split", default="val", help="the split to score: val or train")
+    ev.add_argument("--batch-size", type=positive, default=16,
+                    help="blocks per forward pass on each rank (speed and memory only: the result is the same)")
+    ev.add_argument("--stride", type=positive,
                     help="also score with sliding windows that advance this many tokens (audio samples), each "
                          "token once with at least block_len - stride of context (sequences only)")
     ev.add_argument("--samples", type=int, default=4, help="unconditional samples")
     ev.add_argument("--prompts", type=int, default=4, help="completions of validation items' starts")
-    ev.add_argument("--prompt-len", type=_positive,
+    ev.add_argument("--prompt-len", type=positive,
                     help="variables given to each completion (default: the codec's: 32 tokens, half an image)")
-    ev.add_argument("--sample-length", type=_positive,
+    ev.add_argument("--sample-length", type=positive,
                     help="variables per sample and completion (default: the model's block_len); longer: as "
                          "`arpipe sample --length` (GPT and Llama slide their window by --stride, WaveNet and GRU "
                          "run on)")
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top-k", type=int)
-    ev.add_argument("--seed", type=int, default=0)
+    add_sampling_options(ev)
     ev.add_argument("--new-run", action="store_true", help="log to a new MLflow run, not the training run")
     ev.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
     ev.add_argument("--experiment", metavar="NAME", help="log to a new run in this MLflow experiment (default: into "
                     "the training run; with --new-run or a model without one, a new run in experiment 'arpipe')")
-    ev.add_argument("--out", type=_local, help="also write the results as JSON here")
+    ev.add_argument("--out", type=local_path, help="also write the results as JSON here")
 
     sample = sub.add_parser("sample", help="draw samples from an exported model")
-    sample.add_argument("--model", required=True, type=_local,
+    sample.add_argument("--model", required=True, type=local_path,
                         help="an export, a run's out_dir, or a checkpoint directory")
-    sample.add_argument("--out", type=_local, help="directory for the sample files (default: a new temporary one)")
-    sample.add_argument("-n", type=_positive, default=4, help="number of samples")
+    sample.add_argument("--out", type=local_path, help="directory for the sample files (default: a new temporary one)")
+    sample.add_argument("-n", type=positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
     sample.add_argument("--modality", choices=["text", "image", "audio"],
                         help="a multimodal model's items of this modality (opened with its token), each "
                              "rendered as .txt, PNG or WAV")
-    sample.add_argument("--length", type=_positive,
+    sample.add_argument("--length", type=positive,
                         help="variables per sample (tokens, audio samples), prompt included (default: the "
                              "model's block_len); beyond it GPT and Llama slide their context window (--stride), "
                              "WaveNet and GRU run on, image and classic models refuse")
-    sample.add_argument("--stride", type=_positive,
+    sample.add_argument("--stride", type=positive,
                         help="for --length beyond a GPT's or Llama's context: the window moves on this many "
                              "variables when full, so each sees at least block_len - stride before it, the "
                              "conditionals `arpipe eval --stride` scores (default: block_len // 2)")
-    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
-    sample.add_argument("--top-k", type=int, help="draw from the k most likely values only")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    add_sampling_options(sample)
 
     export_hf = sub.add_parser("export-hf", help="write a text GPT or Llama as a Hugging Face transformers directory",
                                description="Write a text GPT or Llama as a transformers GPT2LMHeadModel or "
@@ -131,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
     comp.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, directories or globs")
     comp.add_argument("--out", required=True, help="the compressed file to write")
-    comp.add_argument("--batch", type=_positive, default=16, help="rows coded in parallel (recorded; default 16)")
-    comp.add_argument("--stride", type=_positive,
+    comp.add_argument("--batch", type=positive, default=16, help="rows coded in parallel (recorded)")
+    comp.add_argument("--stride", type=positive,
                       help="variables coded per context window beyond the model's length (default: half of it)")
-    comp.add_argument("--threads", type=_positive, default=1,
-                      help="torch threads (recorded: decompression uses the same; default 1)")
-    comp.add_argument("--segment", type=_positive, default=16384,
+    comp.add_argument("--threads", type=positive, default=1,
+                      help="torch threads (recorded: decompression uses the same)")
+    comp.add_argument("--segment", type=positive, default=16384,
                       help="code items longer than this many variables in pieces, each from an empty context, "
-                           "in parallel rows: faster for a few long files, a little larger (default 16384)")
+                           "in parallel rows: faster for a few long files, a little larger")
 
     decomp = sub.add_parser("decompress", help="restore the files of an `arpipe compress` file")
     decomp.add_argument("file", help="the compressed file")
@@ -153,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
     fill.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
                       "left-half, right-half, top-half, bottom-half, center-square, random-P%% (e.g. random-50%%)")
-    fill.add_argument("-n", "--samples", type=_positive, default=4, help="completions to draw")
+    fill.add_argument("-n", "--samples", type=positive, default=4, help="completions to draw")
     fill.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
     fill.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
 
@@ -161,10 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Start an MLflow tracking server on a sqlite store with local "
                             "artifacts; point runs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.")
     server.add_argument("--store", type=Path, default=Path("mlruns"),
-                        help="directory of mlflow.db and artifacts/ (default mlruns: the embedded store runs use)")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    server.add_argument("--port", type=int, default=5000)
-    server.add_argument("--workers", type=_positive, default=1)
+                        help="directory of mlflow.db and artifacts/ (mlruns: the embedded store runs use)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=5000, help="port to listen on")
+    server.add_argument("--workers", type=positive, default=1, help="server worker processes")
 
     mlimport = sub.add_parser("mlflow-import", help="send metrics a run could not deliver to MLflow")
     mlimport.add_argument("file", type=Path, help="a run's mlflow-unsent.jsonl")
@@ -173,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit shard -> train -> eval as dependent Slurm jobs",
                             description="Submit the chain shard -> train -> eval to Slurm (afterok "
                             "dependencies) from the config's `slurm` section.")
-    submit.add_argument("--config", required=True)
+    submit.add_argument("--config", required=True, help="YAML config with a `slurm` section (see configs/)")
     submit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, passed to training too")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch commands and scripts, submit nothing")
 
@@ -183,42 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "recipe's metric per variant as a table in a parent MLflow run.")
     recipe.add_argument("recipe", type=Path, help="recipe YAML")
     recipe.add_argument("--out", type=Path, help="output directory (default runs/<recipe name>)")
-    recipe.add_argument("--steps", type=_positive, help="override train.steps of every variant (for a quick try)")
+    recipe.add_argument("--steps", type=positive, help="override train.steps of every variant (for a quick try)")
     recipe.add_argument("--variants", nargs="+", help="run only these variants (default: all)")
 
     demo = sub.add_parser("demo", help="shard -> train (2 DeepSpeed processes) -> eval on bundled text, audio "
                                        "and images")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="where shards and runs go (default: %(default)s)")
+                      help="where shards and runs go")
     demo.add_argument("--config", type=Path, default=Path("configs/demo.yaml"),
                       help="the text leg's config; the other legs' (demo-audio.yaml, demo-image.yaml) are "
-                           "read from its folder (default: %(default)s)")
+                           "read from its folder")
     demo.add_argument("--steps", type=int, help="override train.steps of every leg (for a quick try)")
     demo.add_argument("--legs", nargs="+", choices=["text", "audio", "image"],
                       help="run only these legs (default: all)")
     return parser
-
-
-def shard(args) -> None:
-    from pipeline.data.remote_stage import run_remote_stage
-    from pipeline.data.shards import run_stage
-    from pipeline.data.sources import expand_inputs
-    from pipeline.data.storage import is_url
-
-    codec = codec_classes()[args.modality]
-    if not codec.reads_raw_inputs:
-        from pipeline.codecs.multi import shard_multi
-
-        shard_multi({"text": args.text, "image": args.image, "audio": args.audio}, args.out,
-                    int(args.chunk_mb * 2**20), int(args.shard_mb * 2**20))
-        return
-    settings = {"modality": args.modality, "val_fraction": args.val_fraction,
-                "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
-                **codec.shard_settings(args)}
-    inputs = [] if args.finalize else expand_inputs(args.input)
-    stage, out = (run_remote_stage, args.out) if is_url(args.out) else (run_stage, Path(args.out))
-    stage(out, settings, inputs, codec.maker(settings, args), workers=args.workers,
-          num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 
 
 def run(argv: list[str]) -> None:
@@ -228,13 +197,13 @@ def run(argv: list[str]) -> None:
 
     setup_logging()
     if args.command == "shard":
-        shard(args)
+        shard(args.modality, args)
     elif args.command == "train":
         from pipeline.config import load_config
         from pipeline.train.trainer import train
 
         register = [f"tracking.register_as={args.register}"] if args.register else []
-        stopped = train(load_config(args.config, [*args.overrides, *register])).get("stopped")
+        stopped = train(load_config(args.config, [*args.overrides, *register], args.deepspeed_config)).get("stopped")
         # under a job script (which requeues) every rank exits 0, else srun would kill the slower ones
         exit_code = PREEMPTED if stopped and not os.environ.get("ARPIPE_PREEMPT_MARKER") else 0
         leave_together(exit_code)

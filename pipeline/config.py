@@ -4,6 +4,7 @@ Every section forbids unknown keys, so a typo is an error that names the key and
 from (the file or the command line), never a silently ignored setting.
 """
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -121,6 +122,7 @@ class SlurmTrain(SlurmJob):
     tasks_per_node: int = 1  # ranks per node: one per GPU
     gpus_per_node: int = 0
     launcher: Literal["srun", "deepspeed"] = "srun"  # srun per rank, or the deepspeed launcher per node
+    cpus_per_rank: int | None = None  # CPUs for each rank and its DataLoader workers; None: 1 + data.num_workers
     signal: str = "USR1@300"  # checkpoint and requeue this long before the time limit
 
 
@@ -153,6 +155,8 @@ class Config(Section):
     @property
     def path(self) -> str:
         return self._path
+    # (path, JSON) of `--deepspeed_config`, merged into `deepspeed`: its errors name the file
+    _deepspeed_json: tuple[str, dict] | None = PrivateAttr(None)
 
     @field_validator("out_dir")
     @classmethod
@@ -187,7 +191,21 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def read_deepspeed_json(path: str | Path) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ArpipeError(f"cannot read --deepspeed_config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ArpipeError(f"--deepspeed_config {path}: invalid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ArpipeError(f"--deepspeed_config {path}: expected a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def load_config(path: str | Path, overrides: list[str] = (), deepspeed_json: str | Path | None = None) -> Config:
+    """The YAML at `path`, then the DeepSpeed JSON config `deepspeed_json` (`--deepspeed_config`)
+    merged over its `deepspeed:` section, then the command line's `key=value` overrides."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -197,9 +215,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ArpipeError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ArpipeError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if deepspeed_json:
+        ds = read_deepspeed_json(deepspeed_json)
+        raw = merge(raw, {"deepspeed": ds})
     from_cli = parse_overrides(list(overrides))
     config = validate(merge(raw, from_cli), str(path), from_cli)
     config._path = str(path)
+    if deepspeed_json:
+        config._deepspeed_json = (str(deepspeed_json), ds)
     return config
 
 

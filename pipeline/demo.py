@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline import ArpipeError
 from pipeline.log import LOG
+from pipeline.stages import run_shard
 from pipeline.train.dist import free_port
 
 
@@ -59,12 +60,10 @@ def train_and_eval(config: Path, shards: Path, run: Path, steps: int | None, ove
 
 
 def text_leg(out: Path, configs: Path, steps: int | None) -> tuple[str, dict]:
-    from pipeline.cli import run as cli
-
     inputs = write_text_corpus(out / "corpus")
     shards = out / "shards"
-    cli(["shard", "text", "--input", *inputs, "--out", str(shards), "--vocab-size", "4096",
-         "--workers", "2", "--chunk-mb", "0.25"])
+    run_shard("text", ["--input", *inputs, "--out", str(shards), "--vocab-size", "4096",
+                        "--workers", "2", "--chunk-mb", "0.25"])
     result = train_and_eval(configs / "demo.yaml", shards, out / "train", steps, samples=2, prompts=2)
     return (f"{result['bits_per_byte']:.3f} bits/byte ({result['bits_per_token']:.3f} bits/token over "
             f"{result['tokens']} tokens; a uniform byte code needs 8)"), result
@@ -114,7 +113,6 @@ def write_melodies(directory: Path, count: int = 48, seconds: float = 4.0, rate:
 
 
 def audio_leg(out: Path, configs: Path, steps: int | None) -> tuple[str, dict]:
-    from pipeline.cli import run as cli
     from pipeline.config import load_config
 
     corpus = out / "corpus"
@@ -128,8 +126,8 @@ def audio_leg(out: Path, configs: Path, steps: int | None) -> tuple[str, dict]:
         write_melodies(corpus)
         what = "generated melodies"
     shards = out / "shards"
-    cli(["shard", "audio", "--input", str(corpus), "--out", str(shards), "--sample-rate", "8000",
-         "--clip-seconds", "2", "--workers", "2", "--chunk-mb", "0.25", "--val-fraction", "0.1"])
+    run_shard("audio", ["--input", str(corpus), "--out", str(shards), "--sample-rate", "8000",
+                         "--clip-seconds", "2", "--workers", "2", "--chunk-mb", "0.25", "--val-fraction", "0.1"])
     config = configs / "demo-audio.yaml"
     half = load_config(config).data.block_len // 2  # completions continue the first half of a clip
     # 3-second samples: WaveNet's queues run on past block_len
@@ -145,11 +143,9 @@ DIGITS = Path(__file__).parent / "bundled" / "digits.npz"
 def image_leg(out: Path, configs: Path, steps: int | None) -> tuple[str, dict]:
     import math
 
-    from pipeline.cli import run as cli
-
     shards = out / "shards"
     # --levels 17: the digits' own 17 grey levels (stored scaled to 0-255), recovered exactly
-    cli(["shard", "image", "--input", str(DIGITS), "--out", str(shards), "--levels", "17", "--val-fraction", "0.1"])
+    run_shard("image", ["--input", str(DIGITS), "--out", str(shards), "--levels", "17", "--val-fraction", "0.1"])
     result = train_and_eval(configs / "demo-image.yaml", shards, out / "train", steps, samples=16, prompts=8)
     return (f"{result['bits_per_dim']:.3f} bits/dim ({result['nats_per_dim']:.3f} nats/dim over {result['dims']} "
             f"sub-pixels of 8×8 digits; a uniform 17-level code needs {math.log2(17):.2f})"), result

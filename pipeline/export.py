@@ -8,7 +8,6 @@ Loading never unpickles: safetensors and JSON only.
 """
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -78,6 +77,7 @@ def consolidate_checkpoint(path: str | Path) -> tuple[ARModel, Codec, dict]:
 
     ZeRO 1–3 partitions are merged with DeepSpeed's zero_to_fp32; stage 0 holds whole weights."""
     from pipeline.data.shards import Shards
+    from pipeline.train.checkpoint import check_files, safe_torch_load
 
     path = Path(path)
     if (path / "checkpoints" / "latest").exists():
@@ -89,25 +89,14 @@ def consolidate_checkpoint(path: str | Path) -> tuple[ARModel, Codec, dict]:
         raise ArpipeError(f"{path} is neither an export nor an arpipe checkpoint")
     meta = json.loads(state_file.read_text())
     model = build_model(meta["model"], meta["vocab_size"], tuple(meta["shape"]))
-    stage = meta["config"]["train"]["zero_stage"]
-    if stage == 0:
-        try:
-            states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ArpipeError(f"refusing to load checkpoint {path}: it holds objects other than tensors "
-                              f"and plain data ({str(e).splitlines()[0][:200]})") from None
-        weights = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    check_files(path)  # every file holds tensors and plain data only, or none is read
+    with safe_torch_load():
+        if meta["config"]["train"]["zero_stage"] == 0:
+            weights = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from pipeline.train.checkpoint import safe_torch_load
-
-        try:
-            with safe_torch_load():
-                weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        except pickle.UnpicklingError as e:
-            raise ArpipeError(f"refusing to load checkpoint {path}: it holds objects other than tensors "
-                              f"and plain data ({str(e).splitlines()[0][:200]})") from None
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     missing = set(dict(model.named_parameters())) - set(weights)
     if missing:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import ArpipeError
 from pipeline.log import LOG
+from pipeline.stages import run_shard
 
 
 class Spec(BaseModel):
@@ -122,7 +123,6 @@ def run_recipe(path: str | Path, out: Path | None = None, steps: int | None = No
 
 
 def _run_variants(recipe: Recipe, variants: dict[str, VariantSpec], out: Path, steps: int | None, parent) -> list[dict]:
-    from pipeline.cli import run as cli
     from pipeline.demo import train_and_eval
 
     shard_dirs: dict[tuple, Path] = {}
@@ -133,7 +133,7 @@ def _run_variants(recipe: Recipe, variants: dict[str, VariantSpec], out: Path, s
         shards = Path(variant.data) if variant.data else shard_dirs.get(tuple(args))
         if shards is None:  # variants with identical shard options (e.g. model families) share shards
             shards = shard_dirs[tuple(args)] = out / "shards" / name
-            cli(["shard", recipe.shard.modality, *args, "--out", str(shards)])
+            run_shard(recipe.shard.modality, [*args, "--out", str(shards)])
         start = time.time()
         result = train_and_eval(Path(variant.config or recipe.config), shards, out / name, steps,
                                 overrides=[f"tracking.run_name={recipe.name} · {name}", *recipe.overrides,

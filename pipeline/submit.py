@@ -49,11 +49,12 @@ def plan_jobs(cfg: Config, config_path: str, overrides: list[str], scripts: Path
         jobs.append(("finalize", [*_common(shard, cfg, "finalize", logs), str(scripts / "shard.sbatch"), *stage]))
     train = slurm.train
     resources = [f"--nodes={train.nodes}", f"--signal={train.signal}"]
+    cpus = train.cpus_per_rank or 1 + cfg.data.num_workers
     if train.launcher == "srun":
-        resources.append(f"--ntasks-per-node={train.tasks_per_node}")
+        resources += [f"--ntasks-per-node={train.tasks_per_node}", f"--cpus-per-task={cpus}"]
         script = "train.sbatch"
-    else:
-        resources.append("--ntasks-per-node=1")
+    else:  # one task per node runs the node's ranks, one per GPU (train-deepspeed.sbatch)
+        resources += ["--ntasks-per-node=1", f"--cpus-per-task={cpus * max(1, train.gpus_per_node)}"]
         script = "train-deepspeed.sbatch"
     if train.gpus_per_node:
         resources.append(f"--gpus-per-node={train.gpus_per_node}")

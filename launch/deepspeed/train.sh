@@ -9,8 +9,11 @@
 #
 # Environment: MASTER_ADDR (required without ssh; the first node's address), MASTER_PORT (29500),
 # NODE_RANK (switches to no-ssh mode), ARPIPE_PYTHON (the interpreter with arpipe installed).
+# In pdsh mode every node runs this interpreter (same path) in this directory, with only the
+# variables DeepSpeed forwards (PYTHON*, MLFLOW*, NCCL*, …) and the KEY=VALUE lines of
+# ./.deepspeed_env or ~/.deepspeed_env (e.g. OMP_NUM_THREADS=8): see the README.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n '2,12p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,14p' "$0"; exit 2; }
 hostfile=$1; shift
 python=${ARPIPE_PYTHON:-python3}
 args=(--hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}" --log_level warning)

@@ -87,11 +87,11 @@ class AudioCodec(Codec):
         parser.description = ("Shard audio: every input is decoded with soundfile, mixed to mono, resampled "
                               "with soxr and μ-law quantised. Parquet rows hold HF Audio columns "
                               "({bytes, path}); undecodable or truncated files are counted and skipped.")
-        parser.add_argument("--sample-rate", type=int, default=16000, help="target sample rate in Hz (default 16000)")
-        parser.add_argument("--mu", type=int, default=255, help="μ-law parameter: mu+1 levels (default 255)")
+        parser.add_argument("--sample-rate", type=int, default=16000, help="target sample rate in Hz")
+        parser.add_argument("--mu", type=int, default=255, help="μ-law parameter: mu+1 levels")
         parser.add_argument("--clip-seconds", type=float,
                             help="cut each file into items of at most this many seconds (default: one item per file)")
-        parser.add_argument("--audio-field", default="audio", help="parquet column holding the audio (default audio)")
+        parser.add_argument("--audio-field", default="audio", help="parquet column holding the audio")
 
     @classmethod
     def shard_settings(cls, args) -> dict:

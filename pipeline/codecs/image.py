@@ -64,10 +64,10 @@ class ImageCodec(Codec):
         parser.add_argument("--channels", type=int, choices=(1, 3),
                             help="1 = grey, 3 = RGB (default: the first image's)")
         parser.add_argument("--levels", type=int, default=256, metavar="L",
-                            help="quantise 0-255 to L values, the vocabulary (2 binarises; default 256)")
+                            help="quantise 0-255 to L values, the vocabulary (2 binarises)")
         parser.add_argument("--ordering", choices=ORDERINGS, default="raster",
-                            help="the order of pixels in a token row (default raster; PixelCNN needs raster)")
-        parser.add_argument("--image-field", default="image", help="parquet column holding the images (default image)")
+                            help="the order of pixels in a token row (PixelCNN needs raster)")
+        parser.add_argument("--image-field", default="image", help="parquet column holding the images")
         parser.add_argument("--array-key", help="the .npz array to read (default: the only 3-D or 4-D one)")
 
     @classmethod

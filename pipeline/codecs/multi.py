@@ -61,8 +61,8 @@ class MultiCodec(Codec):
         for name in ("text", "image", "audio"):
             parser.add_argument(f"--{name}", type=Path, metavar="DIR", help=f"a finished {name} shard set")
         parser.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
-        parser.add_argument("--chunk-mb", type=float, default=2.0, help="MB of tokens per WebDataset sample (default 2)")
-        parser.add_argument("--shard-mb", type=float, default=256.0, help="MB per tar shard (default 256)")
+        parser.add_argument("--chunk-mb", type=float, default=2.0, help="MB of tokens per WebDataset sample")
+        parser.add_argument("--shard-mb", type=float, default=256.0, help="MB per tar shard")
 
     @classmethod
     def from_config(cls, config: dict, root: Path) -> "MultiCodec":

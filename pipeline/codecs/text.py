@@ -106,17 +106,17 @@ class TextCodec(Codec):
         parser.description = ("Shard text: plain text files are cut into documents by --sample-by; "
                               "JSONL/parquet rows are documents (column --text-field).")
         parser.add_argument("--sample-by", choices=["document", "paragraph", "line"], default="document",
-                            help="how plain text files are cut into documents (default: document = whole file)")
-        parser.add_argument("--text-field", default="text", help="column holding the text in JSONL/parquet (default text)")
+                            help="how plain text files are cut into documents (document: a whole file)")
+        parser.add_argument("--text-field", default="text", help="column holding the text in JSONL/parquet")
         group = parser.add_mutually_exclusive_group()
-        group.add_argument("--vocab-size", type=int, default=8192, help="train a tokenizer of this size (default 8192)")
+        group.add_argument("--vocab-size", type=int, default=8192, help="train a tokenizer of this size")
         group.add_argument("--tokenizer", help="use this tokenizer instead of training one: a tokenizer.json or an HF "
                            "tokenizer directory (tokenizer.json with tokenizer_config.json / special_tokens_map.json)")
         parser.add_argument("--eos-token", help="with --tokenizer: its end-of-document token, e.g. '</s>' (default: "
                             "the eos_token of its tokenizer_config.json or special_tokens_map.json, else "
                             "<|endoftext|>)")
         parser.add_argument("--tokenizer-train-mb", type=float, default=500.0,
-                            help="MB of training-split text the tokenizer is trained on (default 500)")
+                            help="MB of training-split text the tokenizer is trained on")
 
     @classmethod
     def shard_settings(cls, args) -> dict:

@@ -28,20 +28,32 @@ from pipeline import ArpipeError
 from pipeline.log import LOG
 
 
+def refusal(path: Path, error: Exception) -> str:
+    """Why a checkpoint file is not loaded, with what torch's weights-only unpickler found in it."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    found = next((line.split("error:", 1)[1] for line in lines if "WeightsUnpickler error:" in line), lines[0])
+    return (f"refusing to load checkpoint file {path}: it holds objects other than tensors and plain data "
+            f"({found.strip().split('. ')[0][:200]})")
+
+
 @contextmanager
 def safe_torch_load():
     """Every torch.load inside runs with weights_only=True: DeepSpeed reads its own checkpoint
     files with weights_only=False, which would run any code a tampered file carries. Only the
-    three plain data classes DeepSpeed stores are allowed besides tensors and containers."""
+    three plain data classes DeepSpeed stores are allowed besides tensors and containers; a file
+    with anything else is an ArpipeError naming it."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     original = torch.load
 
-    def load(*args, **kwargs):
+    def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise ArpipeError(refusal(f, e)) from None
 
     with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
         torch.load = load
@@ -49,6 +61,18 @@ def safe_torch_load():
             yield
         finally:
             torch.load = original
+
+
+def check_files(directory: Path) -> None:
+    """Unpickle every torch file of a checkpoint as safe_torch_load does, with the tensors
+    memory-mapped rather than read (cheap): a tampered file is refused before DeepSpeed reads any
+    of them, so every rank can stop together instead of failing inside a collective load."""
+    with safe_torch_load():
+        for path in sorted(directory.rglob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", mmap=True)
+            except (RuntimeError, OSError, EOFError) as e:  # e.g. not torch's zip format: not DeepSpeed's
+                raise ArpipeError(f"refusing to load checkpoint file {path}: {str(e).splitlines()[0][:200]}") from None
 
 
 def rng_state() -> str:
@@ -105,19 +129,22 @@ class Checkpoints:
         tag = self.latest()
         if tag is None:
             return None
+        refused = [None]
         if self.rank == 0:
             for stale in self.tags():  # a save killed before `latest` moved
                 if stale > tag:
                     shutil.rmtree(self.dir / stale, ignore_errors=True)
-            if universal:
-                to_universal(self.dir / tag, self.dir / f"universal_{tag}")
-        dist.barrier()
-        try:
-            with safe_torch_load():
-                engine.load_checkpoint(str(self.dir), tag=f"universal_{tag}" if universal else tag)
-        except pickle.UnpicklingError as e:
-            raise ArpipeError(f"refusing to load checkpoint {self.dir / tag}: it holds objects other than "
-                              f"tensors and plain data ({str(e).splitlines()[0][:200]})") from None
+            try:
+                check_files(self.dir / tag)
+                if universal:
+                    to_universal(self.dir / tag, self.dir / f"universal_{tag}")
+            except ArpipeError as e:
+                refused = [str(e)]
+        dist.broadcast_object_list(refused, src=0)  # every rank stops with the same message
+        if refused[0]:
+            raise ArpipeError(refused[0])
+        with safe_torch_load():
+            engine.load_checkpoint(str(self.dir), tag=f"universal_{tag}" if universal else tag)
         dist.barrier()
         if universal and self.rank == 0:
             shutil.rmtree(self.dir / f"universal_{tag}", ignore_errors=True)

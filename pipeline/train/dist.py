@@ -13,14 +13,42 @@ import re
 import socket
 import subprocess
 
+from pipeline import ArpipeError
 
-def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list such as 'gpu[007-009,012],cpu1' -> 'gpu007'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        return nodelist
-    prefix, ranges = match.groups()
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list, expanded as `scontrol show hostnames` does: 'gpu[007-008,012],
+    rack[1-2]_n[01-02]' -> gpu007 gpu008 gpu012 rack1_n01 rack1_n02 rack2_n01 rack2_n02 (a range keeps
+    its first number's zero padding; text after a bracket, '-ib', stays)."""
+    hosts = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):  # commas outside brackets
+        names = [""]
+        for i, part in enumerate(re.split(r"\[([^\]]*)\]", item)):  # text, ranges, text, …
+            if i % 2 == 0:
+                names = [name + part for name in names]
+                continue
+            numbers = []
+            for span in part.split(","):
+                first, _, last = span.partition("-")
+                if not first.isdigit() or not (last or first).isdigit():
+                    raise ArpipeError(f"cannot read the Slurm node list {nodelist!r} (range [{part}])")
+                numbers += [str(n).zfill(len(first)) for n in range(int(first), int(last or first) + 1)]
+            names = [name + number for name in names for number in numbers]
+        hosts += names
+    return hosts
+
+
+def slurm_hosts(nodelist: str) -> list[str]:
+    """The hosts of a Slurm node list from `scontrol show hostnames`; our own expansion where
+    scontrol is missing or refuses the list."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return expand_hostlist(nodelist)
 
 
 def node_address(host: str) -> str:
@@ -39,7 +67,7 @@ def slurm_master() -> tuple[str, str]:
     env = os.environ
     nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
     port = 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 7 + int(env.get("SLURM_ARRAY_TASK_ID", "0"))) % 20000
-    return env.get("MASTER_ADDR") or node_address(first_host(nodelist)), env.get("MASTER_PORT") or str(port)
+    return env.get("MASTER_ADDR") or node_address(slurm_hosts(nodelist)[0]), env.get("MASTER_PORT") or str(port)
 
 
 def free_port() -> int:

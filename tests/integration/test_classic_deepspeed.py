@@ -41,7 +41,8 @@ tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: test}}
     assert r["items"] == items and r["dims"] == 64 * items
     assert r["nats_per_item"] == pytest.approx(r["nats"] / items)
     assert r["bits_per_dim"] == pytest.approx(r["nats"] / (r["dims"] * math.log(2)))
-    assert 0 < r["nats_per_item"] < 64 * math.log(2)  # better than a fair coin per pixel
+    # a fair coin per pixel needs 64 ln 2 = 44.4 nats per image; these 40 steps reached 27.6
+    assert 0 < r["nats_per_item"] < 31
     client = MlflowClient(r["tracking_uri"])
     run = client.get_run(r["run_id"])
     assert run.data.metrics["val/nats_per_item"] == pytest.approx(r["nats_per_item"])

@@ -45,7 +45,8 @@ tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: test}}
     manifest = json.loads((digits / "manifest.json").read_text())
     assert r["dims"] == 64 * manifest["splits"]["val"]["items"]
     assert r["bits_per_dim"] == pytest.approx(r["nats"] / (r["dims"] * math.log(2)))
-    assert 0 < r["bits_per_dim"] < math.log2(17)  # better than a uniform code over the 17 levels
+    # a uniform code over the 17 levels needs 4.09 bits/dim; these 30 steps reached 2.82
+    assert 0 < r["bits_per_dim"] < 3.1
     client = MlflowClient(r["tracking_uri"])
     assert client.get_run(r["run_id"]).data.metrics["val/bits_per_dim"] == pytest.approx(r["bits_per_dim"])
     folder = "samples/val-step00000030"
@@ -64,8 +65,9 @@ metric: bits_per_dim
 shard: {{modality: image, args: [--input, {DIGITS}, --levels, "17"]}}
 config: configs/image-gpt.yaml
 overrides: [model.n_layer=1, model.n_head=2, model.d_model=16, model.dropout=0.0, data.batch_size=8,
-            data.num_workers=0, train.steps=5, train.precision=fp32, train.zero_stage=0, train.eval_every=0,
-            train.ckpt_every=5, "tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", tracking.experiment=recipes]
+            optim.lr=1.0e-2, optim.min_lr=1.0e-3, optim.warmup_steps=2, data.num_workers=0, train.steps=40,
+            train.precision=fp32, train.zero_stage=0, train.eval_every=0, train.ckpt_every=40,
+            "tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", tracking.experiment=recipes]
 eval: {{samples: 1, prompts: 1}}
 variants:
   raster: {{shard: [--ordering, raster]}}
@@ -74,7 +76,8 @@ variants:
     result = arpipe("recipe", recipe, "--out", tmp_path / "out")
     rows = json.loads((tmp_path / "out" / "table.json").read_text())
     assert [r["variant"] for r in rows] == ["raster", "column"]
-    assert all(0 < r["bits_per_dim"] < 8 for r in rows)
+    # uniform over 17 levels: 4.09 bits/dim; 40 steps reached 2.41 (raster) and 2.33 (column)
+    assert all(0 < r["bits_per_dim"] < 2.8 for r in rows)
     parent = re.search(r"MLflow parent run (\w+)", result.stdout)[1]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(parent)

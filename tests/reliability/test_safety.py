@@ -4,7 +4,9 @@ server listens on loopback unless told otherwise."""
 
 import io
 import json
+import re
 import shutil
+import subprocess
 import tarfile
 
 import numpy as np
@@ -14,7 +16,8 @@ import torch
 from pipeline import ArpipeError
 from pipeline.cli import build_parser
 from pipeline.data.shards import Shards
-from tests.conftest import arpipe
+from pipeline.train.checkpoint import safe_torch_load, to_universal
+from tests.conftest import ENV, arpipe, deepspeed_command
 
 
 class Payload:
@@ -50,10 +53,70 @@ def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, trained):
     states = copy / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
     torch.save({"module": Payload(marker)}, states)
     resume = arpipe("train", "--config", config, f"out_dir={copy}", "train.steps=6", check=False)
-    assert resume.returncode == 2 and "refusing to load checkpoint" in resume.stderr
+    assert resume.returncode == 2 and f"refusing to load checkpoint file {states}" in resume.stderr
     evaluate = arpipe("eval", "--model", copy / "checkpoints", "--data", json.loads(
         (copy / "export" / "model.json").read_text())["data"], check=False)
-    assert evaluate.returncode == 2 and "refusing to load checkpoint" in evaluate.stderr
+    assert evaluate.returncode == 2 and f"refusing to load checkpoint file {states}" in evaluate.stderr
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def zero_run(request, tmp_path_factory, text_shards):
+    """A finished 2-rank run whose checkpoints are ZeRO partitions, one file per rank (ZeRO-1 writes
+    the same files as ZeRO-2 and DeepSpeed reads both through the same code)."""
+    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
+    config = tmp / "config.yaml"
+    config.write_text(f"""
+out_dir: {tmp / 'run'}
+data: {{path: {text_shards}, block_len: 32, batch_size: 4}}
+model: {{name: gpt, n_layer: 1, n_head: 2, d_model: 32}}
+train: {{steps: 4, ckpt_every: 2, zero_stage: {request.param}}}
+tracking: {{uri: "sqlite:///{tmp / 'mlflow.db'}"}}
+""")
+    subprocess.run(deepspeed_command(2, "--config", config), env=ENV, check=True, capture_output=True, timeout=600)
+    return config, tmp / "run"
+
+
+def tamper_partition(run, tmp_path):
+    """A copy of the run whose rank-1 optimizer partition also carries the payload."""
+    copy = shutil.copytree(run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    partition = copy / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    state = torch.load(partition, weights_only=False)  # our own file, written by the run above
+    state["extra"] = Payload(marker)
+    torch.save(state, partition)
+    return copy, marker, f"refusing to load checkpoint file {partition}: it holds objects other than tensors"
+
+
+@pytest.mark.slow
+def test_a_tampered_zero_partition_is_refused_by_resume_and_eval(tmp_path, zero_run):
+    config, run = zero_run
+    copy, marker, refusal = tamper_partition(run, tmp_path)
+    same_world = subprocess.run(deepspeed_command(2, "--config", config, f"out_dir={copy}", "train.steps=6"),
+                                env=ENV, capture_output=True, text=True, timeout=600)
+    assert same_world.returncode != 0
+    assert (same_world.stdout + same_world.stderr).count(f"arpipe: error: {refusal}") == 2  # every rank, no crash
+    # one rank: the partitions would be converted to a universal checkpoint first
+    other_world = arpipe("train", "--config", config, f"out_dir={copy}", "train.steps=6", check=False)
+    assert other_world.returncode == 2 and refusal in other_world.stderr
+    evaluate = arpipe("eval", "--model", copy / "checkpoints", "--data",
+                      json.loads((copy / "export" / "model.json").read_text())["data"],
+                      check=False)  # zero_to_fp32 merges the partitions
+    assert evaluate.returncode == 2 and refusal in evaluate.stderr
+    assert not marker.exists() and not (copy / "checkpoints" / "universal_step_00000004").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_readers_refuse_a_tampered_partition_themselves(tmp_path, zero_run):
+    """Behind the up-front check of every file: the universal conversion and zero_to_fp32 each
+    refuse a tampered partition too."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    copy, marker, refusal = tamper_partition(zero_run[1], tmp_path)
+    with pytest.raises(ArpipeError, match=re.escape(refusal)):
+        to_universal(copy / "checkpoints" / "step_00000004", tmp_path / "universal")
+    with pytest.raises(ArpipeError, match=re.escape(refusal)), safe_torch_load():
+        get_fp32_state_dict_from_zero_checkpoint(str(copy / "checkpoints"), tag="step_00000004")
     assert not marker.exists()
 
 

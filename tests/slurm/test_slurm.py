@@ -75,9 +75,10 @@ def test_submit_chain_shard_train_on_two_nodes_eval(tmp_path, corpus):
     config = tmp_path / "chain.yaml"
     config.write_text(f"""
 out_dir: {tmp_path / 'run'}
-data: {{path: {tmp_path / 'shards'}, block_len: 32, batch_size: 4}}
+data: {{path: {tmp_path / 'shards'}, block_len: 32, batch_size: 4, num_workers: 1}}
 model: {{name: gpt, n_layer: 2, n_head: 2, d_model: 32}}
-train: {{steps: 10, zero_stage: 2, ckpt_every: 5}}
+optim: {{lr: 3.0e-3, warmup_steps: 5}}
+train: {{steps: 40, zero_stage: 2, ckpt_every: 20}}
 tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: chain}}
 slurm:
   shard: {{modality: text, inputs: [{corpus}], args: [--vocab-size, "300", --chunk-mb, "0.02"], tasks: 4}}
@@ -97,10 +98,12 @@ slurm:
         assert max(r["EndTime"] for r in before) <= min(r["StartTime"] for r in after)
     train = records["train"][0]
     assert train["NumNodes"] == "2" and train["NodeList"] == "n[1-2]"
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000010" / "trainer_state.json").read_text())
+    assert train["MinCPUsNode"] == "2"  # one rank and its DataLoader worker per node
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000040" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     evaluation = json.loads((tmp_path / "eval.json").read_text())
-    assert evaluation["step"] == 10 and 0 < evaluation["bits_per_byte"] < 8
+    # a uniform code over the 300 tokens needs 8.23 bits/token; these 40 steps reached 6.27
+    assert evaluation["step"] == 40 and 0 < evaluation["bits_per_token"] < 6.9
 
 
 def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(tmp_path, train_config):
@@ -111,7 +114,9 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(tmp_pa
     expected = [m["loss"] for m in read_metrics(reference)]
 
     run = tmp_path / "preempted"
-    job = sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/train-%j.out", SCRIPTS / "train.sbatch",
+    # --cpus-per-task=1: the script asks for 3 (a rank and 2 DataLoader workers), more than these nodes have
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/train-%j.out",
+                 SCRIPTS / "train.sbatch",
                  *common, f"out_dir={run}", cwd=tmp_path)
     deadline = time.time() + 120
     while len(read_metrics(run)) < 20 and time.time() < deadline:
@@ -138,7 +143,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(tmp_pa
 
 
 def test_deepspeed_launcher_per_node_under_slurm(tmp_path, train_config):
-    job = sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/ds-%j.out",
+    job = sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/ds-%j.out",
                  SCRIPTS / "train-deepspeed.sbatch", "--config", train_config, "train.steps=8",
                  f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
     record = wait(job)[0]

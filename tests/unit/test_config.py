@@ -1,3 +1,6 @@
+import json
+import re
+
 import pytest
 
 from pipeline import ArpipeError
@@ -52,6 +55,37 @@ def test_deepspeed_section_is_derived_and_checked(tmp_path):
     ds = deepspeed_config(cfg, world=2)
     assert ds["train_batch_size"] == 16 and ds["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     for bad in ("deepspeed: {train_batch_size: 3}", "deepspeed: {optimizer: {type: Adam}}",
-                "deepspeed: {zero_optimization: {stage: 1}}"):
+                "deepspeed: {zero_optimization: {stage: 1}}", "deepspeed: {bf16: {enabled: true}}"):
         with pytest.raises(ArpipeError, match="deepspeed"):
             deepspeed_config(load_config(write(tmp_path, GOOD + bad + "\n")), world=1)
+
+
+def test_deepspeed_json_is_merged_and_checked_naming_the_file(tmp_path):
+    """`--deepspeed_config ds.json`: over the YAML's deepspeed: section, under command-line overrides."""
+    config = write(tmp_path, GOOD + "deepspeed: {zero_optimization: {overlap_comm: true}, steps_per_print: 5}\n")
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 0, "reduce_bucket_size": 1000},
+                                   "steps_per_print": 7, "wall_clock_breakdown": True,
+                                   "train_micro_batch_size_per_gpu": 16}))
+    ds = deepspeed_config(load_config(config, ["deepspeed.steps_per_print=9"], ds_json), world=1)
+    assert ds["zero_optimization"] == {"stage": 0, "overlap_comm": True, "reduce_bucket_size": 1000}
+    assert ds["wall_clock_breakdown"] is True and ds["steps_per_print"] == 9
+    for bad, message in [({"train_batch_size": 3}, "train_batch_size=3 contradicts data.batch_size"),
+                         ({"zero_optimization": {"stage": 2}},
+                          "zero_optimization.stage=2 contradicts train.zero_stage"),
+                         ({"bf16": {"enabled": True}}, "bf16.enabled=True contradicts train.precision"),
+                         ({"optimizer": {"type": "Adam"}}, "optimizer is not supported")]:
+        ds_json.write_text(json.dumps(bad))
+        with pytest.raises(ArpipeError, match=f"^{re.escape(f'{ds_json}: {message}')}"):
+            deepspeed_config(load_config(config, [], ds_json), world=1)
+
+
+@pytest.mark.parametrize("text, message", [("{", "invalid JSON"), ("[1]", "expected a JSON object"),
+                                           (None, "cannot read --deepspeed_config")])
+def test_bad_deepspeed_json_names_the_file(tmp_path, text, message):
+    ds_json = tmp_path / "ds.json"
+    if text is not None:
+        ds_json.write_text(text)
+    with pytest.raises(ArpipeError, match=message) as error:
+        load_config(write(tmp_path, GOOD), [], ds_json)
+    assert str(ds_json) in str(error.value)
