@@ -80,6 +80,15 @@ class Codec:
         raise ArpipeError(f"vocabulary of {self.vocab_size} tokens is too large")
 
 
+def codec_file(root: Path, name: str) -> Path:
+    """`root / name` for a file a codec's config names (e.g. its tokenizer). Like shard paths, it
+    must lie inside the manifest's or export's own directory: absolute names and `..` are refused."""
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise ArpipeError(f"refusing codec file {name!r} (absolute or '..'): codec files must lie in {root}")
+    return root / path
+
+
 def codec_classes() -> dict[str, type[Codec]]:
     """Every modality, by name."""
     from pipeline.codecs.audio import AudioCodec

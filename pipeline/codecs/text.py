@@ -13,8 +13,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline import ArpipeError
-from pipeline.codecs import Codec
-from pipeline.data.sources import Record, read_text
+from pipeline.codecs import Codec, codec_file
+from pipeline.data.sources import Record, read_text, split_of
 from pipeline.log import LOG
 
 EOS = "<|endoftext|>"
@@ -85,7 +85,7 @@ class TextCodec(Codec):
 
     @classmethod
     def from_config(cls, config: dict, root: Path) -> "TextCodec":
-        path = root / config["tokenizer"]
+        path = codec_file(root, config["tokenizer"])
         codec = cls.load(path)
         if codec.sha256 != config["tokenizer_sha256"]:
             raise ArpipeError(f"{path} does not match the manifest's tokenizer_sha256")
@@ -150,8 +150,6 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
     """For `prepare`: load the given tokenizer, or train one on the training split's documents
     (up to `train_bytes` of text, from inputs in a seeded random order so it sees the corpus
     evenly), and save it as OUT/tokenizer.json."""
-    from pipeline.data.shards import split_of
-
     def make(inputs: list[Path], root: Path, out: Path) -> TextCodec:
         if tokenizer:
             codec = TextCodec.load(tokenizer)

@@ -39,18 +39,12 @@ from tqdm import tqdm
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, load_codec
-from pipeline.data.sources import Record, common_root
+from pipeline.data.sources import Record, common_root, split_of
 from pipeline.log import LOG
 
 FORMAT = 1
 SPLITS = ("train", "val")
 EXAMPLES_PER_REASON = 20  # skipped items listed by key in the manifest; the rest are counted
-
-
-def split_of(key: str, val_fraction: float) -> str:
-    """train or val, from a hash of the item's key: stable under re-runs and parallelism."""
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return "val" if h < val_fraction * 2**64 else "train"
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -7,6 +7,7 @@ stage can count them instead of failing or dropping them silently.
 """
 
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -30,6 +31,12 @@ class Record:
     key: str
     value: object = None  # the payload: str for text
     skip: str | None = None  # why the record is unusable; None when it is fine
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """train or val, from a hash of the item's key: stable under re-runs and parallelism."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return "val" if h < val_fraction * 2**64 else "train"
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.data.shards import Shards, split_of
+from pipeline.data.shards import Shards
+from pipeline.data.sources import split_of
 from tests.conftest import arpipe, write_corpus
 
 
@@ -136,6 +137,52 @@ def test_manifest_paths_outside_the_directory_are_refused(tmp_path, text_shards)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArpipeError, match="refusing shard path"):
         Shards(copy)
+
+
+def test_codec_files_outside_the_directory_are_refused(tmp_path, text_shards):
+    """The tokenizer a manifest or an export names is confined to its directory, as shard paths are:
+    neither loading nor exporting reads or writes a file outside it."""
+    import shutil
+
+    from pipeline import ArpipeError
+    from pipeline.export import load_export, save_export
+    from pipeline.models import build_model
+
+    copy = tmp_path / "shards"
+    shutil.copytree(text_shards, copy)
+    shutil.copy(text_shards / "tokenizer.json", tmp_path / "outside.json")  # a valid tokenizer, wrong place
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for name in ("../outside.json", str(tmp_path / "outside.json")):
+        manifest["codec"]["tokenizer"] = name
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ArpipeError, match="refusing codec file"):
+            Shards(copy).codec
+
+    model_cfg = {"name": "gpt", "n_layer": 1, "n_head": 1, "d_model": 8}
+    state = dict(build_model(model_cfg, 512, (16,)).state_dict())
+    codec = {**manifest["codec"], "tokenizer": "../outside.json"}
+    with pytest.raises(ArpipeError, match="refusing codec file"):  # would copy to export/../outside.json
+        save_export(tmp_path / "export", state, model_cfg, 512, (16,), codec, copy, {})
+    save_export(tmp_path / "export", state, model_cfg, 512, (16,), {**codec, "tokenizer": "tokenizer.json"},
+                text_shards, {})
+    (tmp_path / "export" / "codec.json").write_text(json.dumps(codec))
+    with pytest.raises(ArpipeError, match="refusing codec file"):
+        load_export(tmp_path / "export")
+
+
+def test_codecs_and_sources_never_import_the_layers_above():
+    """codecs/ and data/sources.py sit below the shard writer, the stream, training and eval."""
+    import ast
+
+    from tests.conftest import REPO
+
+    higher = ("pipeline.data.shards", "pipeline.data.stream", "pipeline.train", "pipeline.eval", "pipeline.export",
+              "pipeline.cli")
+    for path in [*(REPO / "pipeline" / "codecs").glob("*.py"), REPO / "pipeline" / "data" / "sources.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.startswith(higher)], f"{path.name} imports {names}"
 
 
 @pytest.mark.parametrize("sample_by", ["document", "paragraph", "line"])
