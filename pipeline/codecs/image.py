@@ -16,10 +16,13 @@ ImageOps.fit), and 0–255 is quantised to levels L by floor(v·L/256) (L = 2 bi
 Samples go back with level·255/(L−1), so L = 256 round-trips exactly.
 """
 
+import contextlib
 import gzip
 import io
+import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ ARRAY_SUFFIXES = (".npz", ".npy")
 IDX = re.compile(r"idx\d-ubyte(\.gz)?$|\.idx(\.gz)?$")
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+BLOCK_BYTES = 8 << 20  # array files are read this much at a time
 
 
 class ImageCodec(Codec):
@@ -109,18 +113,30 @@ class ImageCodec(Codec):
 
     # --- records and tokens
     def read_records(self, path: Path, root: Path, settings: dict):
-        return read_images(path, root, settings["image_field"], settings["array_key"])
+        """One record per image: its pixels scaled and cropped to the codec's size right away (a
+        batch of records then holds small images, whatever the sources' size), and its source
+        size as meta."""
+        for record in read_images(path, root, settings["image_field"], settings["array_key"]):
+            if record.skip:
+                yield record
+            else:
+                size = list(source_shape(record.value)[:2])
+                yield Record(record.key, self.pixels(record.value), meta={"size": size})
 
     def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
         # "size" is the source image's [height, width], before scaling and cropping
-        return [(self.tokens(self.pixels(r.value)), {"key": r.key, "size": list(source_shape(r.value)[:2])})
-                for r in records]
+        rows = self.tokens(np.stack([r.value for r in records])) if records else []
+        return [(row, {"key": r.key, **r.meta}) for r, row in zip(records, rows)]
 
     def pixels(self, value) -> np.ndarray:
         """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""
         from PIL import Image, ImageOps
 
         if isinstance(value, np.ndarray):
+            grey = value.ndim == 2 or value.shape[2] == 1
+            if value.shape[:2] == (self.height, self.width) and (grey if self.channels == 1 else value.ndim == 3
+                                                                   and value.shape[2] == 3):
+                return value.reshape(self.height, self.width, self.channels)  # what Pillow would return
             value = Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value)
         image = value.convert("L" if self.channels == 1 else "RGB")
         if image.size != (self.width, self.height):
@@ -128,9 +144,11 @@ class ImageCodec(Codec):
         return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, self.channels)
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
-        """(H, W, C) uint8 -> the quantised sub-pixels in the ordering."""
+        """(H, W, C) uint8 -> the quantised sub-pixels in the ordering; a stack of images (n, H,
+        W, C) -> one row each."""
         levels = (pixels.astype(np.uint16) * self.levels) >> 8
-        return levels.reshape(-1)[self.perm].astype(self.token_dtype)
+        flat = levels.reshape(*pixels.shape[:-3], -1)
+        return flat[..., self.perm].astype(self.token_dtype)
 
     def to_pixels(self, rows: np.ndarray) -> np.ndarray:
         """Token rows (n, D) in the ordering -> uint8 images (n, H, W, C), de-quantised."""
@@ -198,21 +216,24 @@ def read_images(path: Path, root: Path, image_field: str = "image", array_key: s
     name = str(path.relative_to(root))
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
-        for index, image in enumerate(image_rows(load_array(path, array_key))):
+        for index, image in enumerate(array_images(path, array_key)):
             yield Record(f"{name}:{index}", image)
     elif suffix == ".parquet":
         yield from read_parquet(path, name, image_field)
     else:
-        yield Record(f"{name}:0", decode_image(path.read_bytes()))
+        yield Record(f"{name}:0", decode_image(path))
 
 
-def decode_image(data: bytes):
-    """A fully decoded Pillow image (truncated or corrupt data raise here, not later)."""
+def decode_image(source):
+    """A fully decoded Pillow image from a path or bytes (truncated or corrupt data raise here,
+    not later; so do images above Pillow's decompression-bomb limit)."""
     from PIL import Image, ImageOps
 
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()
-    return ImageOps.exif_transpose(image)  # camera JPEGs: the orientation the viewer shows
+    if "exif" in image.info or image.format == "TIFF":  # where an orientation tag can be
+        image = ImageOps.exif_transpose(image)  # camera JPEGs: the orientation the viewer shows
+    return image
 
 
 def read_parquet(path: Path, name: str, field: str):
@@ -234,41 +255,89 @@ def read_parquet(path: Path, name: str, field: str):
             yield Record(key, skip="undecodable image")
 
 
-def load_array(path: Path, key: str | None) -> np.ndarray:
-    """The image array of an .npz / .npy / IDX file."""
-    if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if key is None:
-                candidates = [k for k in archive.files if archive[k].ndim in (3, 4)]
-                if len(candidates) != 1:
-                    raise ValueError(f"pass --array-key: {len(candidates)} 3-D/4-D arrays among {archive.files}")
-                key = candidates[0]
-            if key not in archive.files:
-                raise ValueError(f"no array {key!r} (arrays: {archive.files})")
-            return archive[key]
-    return read_idx(path)
+def array_images(path: Path, key: str | None = None):
+    """The uint8 images (H, W[, C]) of an .npy / .npz / IDX file, read BLOCK_BYTES at a time:
+    an IDX file may be gzipped and a .npz member deflated, so a small file can inflate to
+    gigabytes. Images above Pillow's decompression-bomb limit are refused as Pillow refuses them."""
+    from PIL import Image
+
+    with contextlib.ExitStack() as stack:
+        f, dtype, shape = open_array(path, key, stack)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+            raise ValueError(f"expected images (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got shape {shape}")
+        if shape[1] * shape[2] > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"images of {shape[1]}x{shape[2]} pixels exceed the decompression-bomb limit "
+                             f"of {2 * Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS × 2)")
+        image_bytes = dtype.itemsize * math.prod(shape[1:])
+        per_block = max(1, BLOCK_BYTES // max(1, image_bytes))
+        for start in range(0, shape[0], per_block):
+            count = min(per_block, shape[0] - start)
+            data = f.read(count * image_bytes)
+            if len(data) < count * image_bytes:
+                raise ValueError(f"the data ends after {start + len(data) // image_bytes} images; "
+                                 f"the header says {shape[0]}")
+            yield from uint8_images(np.frombuffer(data, dtype).reshape(count, *shape[1:]))
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """The IDX format of (Fashion-)MNIST: 2 zero bytes, a dtype code, ndim, big-endian int32 dims, data."""
-    data = (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb").read()
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+def open_array(path: Path, key: str | None, stack: contextlib.ExitStack):
+    """(stream at the first value, dtype, shape) of an .npy, a .npz member or an IDX file."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        headers = {}
+        for member in archive.namelist():
+            if member.endswith(".npy"):
+                with archive.open(member) as f:
+                    headers[member[:-4]] = npy_header(f)
+        if key is None:
+            candidates = [k for k, (_, shape) in headers.items() if len(shape) in (3, 4)]
+            if len(candidates) != 1:
+                raise ValueError(f"pass --array-key: {len(candidates)} 3-D/4-D arrays among {sorted(headers)}")
+            key = candidates[0]
+        if key not in headers:
+            raise ValueError(f"no array {key!r} (arrays: {sorted(headers)})")
+        f = stack.enter_context(archive.open(key + ".npy"))
+        return (f, *npy_header(f))
+    if suffix == ".npy":
+        f = stack.enter_context(open(path, "rb"))
+        return (f, *npy_header(f))
+    f = stack.enter_context((gzip.open if suffix == ".gz" else open)(path, "rb"))
+    dtype, shape = idx_header(f)
+    if suffix != ".gz":  # an IDX file's size is its header's promise: check it before reading
+        values = (os.fstat(f.fileno()).st_size - 4 - 4 * len(shape)) / dtype.itemsize
+        if values != math.prod(shape):
+            raise ValueError(f"IDX data holds {values:g} values, its header says {shape}")
+    return f, dtype, shape
+
+
+def npy_header(f) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of a .npy stream, which is left at the first value. Object arrays (which
+    would need unpickling) and Fortran order (not readable image by image) are refused."""
+    version = np.lib.format.read_magic(f)
+    shape, fortran_order, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+    if dtype.hasobject:
+        raise ValueError("an object array (it would need unpickling): arrays must hold numbers")
+    if fortran_order and len(shape) > 1:
+        raise ValueError("a Fortran-ordered array: save it C-ordered (np.ascontiguousarray)")
+    return dtype, shape
+
+
+def idx_header(f) -> tuple[np.dtype, tuple[int, ...]]:
+    """The IDX format of (Fashion-)MNIST: 2 zero bytes, a dtype code, ndim, big-endian int32
+    dims, then the data, where `f` is left."""
+    head = f.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES:
         raise ValueError("not an IDX file")
-    ndim = data[3]
-    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, 4))
-    array = np.frombuffer(data, IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-    if array.size != np.prod(dims):
-        raise ValueError(f"IDX data holds {array.size} values, its header says {dims}")
-    return array.reshape(dims)
+    dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        raise ValueError("not an IDX file")
+    return np.dtype(IDX_DTYPES[head[2]]), tuple(int(d) for d in np.frombuffer(dims, ">i4"))
 
 
-def image_rows(array: np.ndarray):
-    """uint8 images (H, W[, C]) from an (N, H, W) or channels-last (N, H, W, C) array whose values
-    are 0–255 (any integer or bool type) or 0–1 (floats)."""
-    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3, 4)):
-        raise ValueError(f"expected images (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got shape {array.shape}")
+def uint8_images(array: np.ndarray):
+    """uint8 images (H, W[, C]) from a block (n, H, W[, C]) whose values are 0–255 (any integer
+    or bool type) or 0–1 (floats)."""
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -277,8 +346,7 @@ def image_rows(array: np.ndarray):
         array = np.rint(array * 255).astype(np.uint8)
     elif array.size and (array.min() < 0 or array.max() > 255):
         raise ValueError(f"integer images must lie in 0..255, found {array.min()}..{array.max()}")
-    array = array.astype(np.uint8, copy=False)
-    yield from array
+    yield from array.astype(np.uint8, copy=False)
 
 
 def source_shape(value) -> tuple[int, int, int]:

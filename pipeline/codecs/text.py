@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, codec_file
-from pipeline.data.sources import Record, read_text, split_of
+from pipeline.data.sources import Record, read_text, require_regular_file, split_of
 from pipeline.log import LOG
 
 EOS = "<|endoftext|>"
@@ -119,7 +119,7 @@ class TextCodec(Codec):
 
     def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
         texts = [r.value for r in records]
-        return [(tokens, {"key": r.key, "bytes": len(t.encode())})
+        return [(tokens, {"key": r.key, "bytes": len(t) if t.isascii() else len(t.encode())})
                 for r, t, tokens in zip(records, texts, self.encode_batch(texts))]
 
     def encode(self, text: str) -> np.ndarray:
@@ -158,6 +158,7 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
                 seen = 0
                 for i in np.random.default_rng(0).permutation(len(inputs)):
                     try:
+                        require_regular_file(inputs[i])  # a FIFO would block
                         for r in read_text(inputs[i], root, settings["sample_by"], settings["text_field"]):
                             if r.skip is None and split_of(r.key, settings["val_fraction"]) == "train":
                                 yield r.value

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import stat
 import tarfile
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from tqdm import tqdm
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, load_codec
-from pipeline.data.sources import Record, common_root, split_of
+from pipeline.data.sources import common_root, require_regular_file, split_of
 from pipeline.log import LOG
 
 FORMAT = 1
@@ -59,8 +58,31 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class HashedFile:
+    """A file being written that hashes its bytes on the way, so a finished shard's sha256
+    needs no second read of the tar."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardWriter:
-    """Writes one task's items of one split into chunks and tars of bounded size."""
+    """Writes one task's items of one split into chunks and tars of bounded size.
+
+    The tars are written with tarfile, not webdataset's TarWriter: `import webdataset` imports
+    torch, which costs every shard worker seconds of start-up (more than the whole stage takes
+    on a small input) for an identical tar."""
 
     def __init__(self, directory: Path, split: str, task: int, dtype, chunk_bytes: int, shard_bytes: int):
         self.directory, self.split, self.task, self.dtype = directory, split, task, dtype
@@ -90,7 +112,8 @@ class ShardWriter:
             self.path = self.directory / self.split / name
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.path.with_name(name + ".tmp")
-            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+            self.file = HashedFile(self.tmp)
+            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
             self.chunks: list[dict] = []
         key = f"{self.split}-{self.task:05d}-{self.n_chunks:06d}"
         offsets = np.zeros(len(self.tokens) + 1, dtype=np.int64)
@@ -108,17 +131,18 @@ class ShardWriter:
                             "bytes": sum(m.get("bytes", 0) for m in self.meta)})
         self.n_chunks += 1
         self._new_chunk()
-        if self.tar.fileobj.tell() >= self.shard_bytes:
+        if self.tar.offset >= self.shard_bytes:
             self._close_shard()
 
     def _close_shard(self):
         self.tar.close()
+        self.file.close()
         self.tar = None
         os.replace(self.tmp, self.path)
         self.entries.append({
             "path": str(self.path.relative_to(self.directory)),
             "split": self.split,
-            "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+            "sha256": self.file.sha256.hexdigest(),
             "items": sum(c["items"] for c in self.chunks),
             "tokens": sum(c["tokens"] for c in self.chunks),
             "bytes": sum(c["bytes"] for c in self.chunks),
@@ -192,6 +216,7 @@ def prepare(out: Path, settings: dict, inputs: list[Path], num_tasks: int | None
 
 
 _progress = None  # bytes of input done, shared with pool workers for the progress bar
+BATCH_ITEMS, BATCH_BYTES = 256, 1 << 20  # what one encode call gets: bounded in count and in size
 
 
 def _init_worker(progress):
@@ -201,7 +226,11 @@ def _init_worker(progress):
 
 
 def run_task(out: Path, task: int) -> dict:
-    """Shard task `task` unless its done-marker exists. Returns the done-marker's contents."""
+    """Shard task `task` unless its done-marker exists. Returns the done-marker's contents.
+
+    Records are encoded in batches per split (the encoder's per-call cost is then negligible);
+    an input that fails part-way keeps the items read before the failure and is listed with the
+    reason and that count."""
     plan = Plan.load(out)
     marker = plan.marker(task)
     if marker.exists():
@@ -210,37 +239,48 @@ def run_task(out: Path, task: int) -> dict:
         for stale in (out / split).glob(f"{split}-{task:05d}-*"):
             stale.unlink()
     settings = plan.data["settings"]
+    val_fraction = settings["val_fraction"]
     codec = plan.codec
     writers = {s: ShardWriter(out, s, task, codec.token_dtype, settings["chunk_bytes"], settings["shard_bytes"])
                for s in SPLITS}
     skipped_files, skipped_items, examples = [], Counter(), {}
-    batch: list[tuple[str, Record]] = []
+    pending = {s: [] for s in SPLITS}
+    pending_bytes = dict.fromkeys(SPLITS, 0)
 
-    def flush():
-        for (split, record), (tokens, meta) in zip(batch, codec.encode_records([r for _, r in batch])):
-            writers[split].add(tokens, meta)
-        batch.clear()
+    def flush(split):
+        writer = writers[split]
+        for tokens, meta in codec.encode_records(pending[split]):
+            writer.add(tokens, meta)
+        pending[split].clear()
+        pending_bytes[split] = 0
 
+    progress = Progress()
     for path in plan.task_inputs(task):
+        items, size = 0, 0
         try:
-            require_regular_file(path)
+            size = require_regular_file(path)
             for record in codec.read_records(path, plan.root, settings):
                 if record.skip:
                     skipped_items[record.skip] += 1
-                    examples.setdefault(record.skip, [])
-                    if len(examples[record.skip]) < EXAMPLES_PER_REASON:
-                        examples[record.skip].append(record.key)
+                    keys = examples.setdefault(record.skip, [])
+                    if len(keys) < EXAMPLES_PER_REASON:
+                        keys.append(record.key)
                     continue
-                batch.append((split_of(record.key, settings["val_fraction"]), record))
-                if len(batch) >= 256:
-                    flush()
+                items += 1
+                split = split_of(record.key, val_fraction)
+                pending[split].append(record)
+                value = record.value
+                pending_bytes[split] += value.nbytes if isinstance(value, np.ndarray) else len(value)
+                if len(pending[split]) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
+                    flush(split)
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
-            reason = "empty file" if _size(path) == 0 and os.path.isfile(path) else f"{type(e).__name__}: {e}"
-            skipped_files.append({"input": str(path.relative_to(plan.root)), "reason": reason[:500]})
-        flush()
-        if _progress is not None:
-            with _progress.get_lock():
-                _progress.value += _size(path)
+            reason = "empty file" if size == 0 and os.path.isfile(path) else f"{type(e).__name__}: {e}"
+            skipped = {"input": str(path.relative_to(plan.root)), "reason": reason[:500]}
+            skipped_files.append({**skipped, "items_kept": items} if items else skipped)
+        progress.add(size)
+    for split in SPLITS:
+        flush(split)
+    progress.add(0, force=True)
     result = {"task": task, "shards": [e for s in SPLITS for e in writers[s].close()],
               "skipped_files": skipped_files, "skipped_items": dict(skipped_items), "skipped_examples": examples}
     marker.parent.mkdir(exist_ok=True)
@@ -248,14 +288,19 @@ def run_task(out: Path, task: int) -> dict:
     return result
 
 
-def require_regular_file(path: Path) -> None:
-    """Raise (with a reason for the manifest) unless `path` is a readable regular file; reading
-    a FIFO would block the task forever."""
-    mode = os.stat(path).st_mode  # OSError for broken symlinks, symlink loops
-    if not stat.S_ISREG(mode):
-        raise OSError(f"not a regular file ({stat.filemode(mode)})")
-    with open(path, "rb") as f:  # PermissionError for an unreadable file
-        f.read(1)
+class Progress:
+    """Input bytes done, added to the shared counter at most twice a second (not once per
+    file: a folder of small images has hundreds of thousands)."""
+
+    def __init__(self):
+        self.bytes, self.last = 0, time.monotonic()
+
+    def add(self, size: int, force: bool = False) -> None:
+        self.bytes += size
+        if _progress is not None and (force or time.monotonic() - self.last > 0.5):
+            with _progress.get_lock():
+                _progress.value += self.bytes
+            self.bytes, self.last = 0, time.monotonic()
 
 
 def _size(path: Path) -> int:

@@ -6,15 +6,17 @@ codec must not see (empty, invalid UTF-8, binary) come out as skips with a reaso
 stage can count them instead of failing or dropping them silently.
 """
 
+import bz2
 import glob
+import gzip
 import hashlib
-import io
 import logging
+import lzma
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline import ArpipeError
 
@@ -24,13 +26,20 @@ TABULAR_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".
 PACKED_SUFFIXES = {".gz", ".gzip", ".bz2", ".xz", ".lz4", ".zst", ".zstd", ".zip", ".eval", ".tar", ".tgz", ".7z", ".rar"}
 PACKED_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"BZh", b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x04\x22\x4d\x18",
                 b"\x28\xb5\x2f\xfd", b"Rar!")
+ARCHIVES = (".zip", ".eval", ".tar", ".tgz", ".7z", ".rar", ".tar.gz", ".tar.bz2", ".tar.xz")
+# Single compressed streams that arpipe reads itself, in bounded pieces, by magic number.
+COMPRESSED_TEXT = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+# A longer document is skipped: the tokenizer holds about 100 bytes per token of one document,
+# so this bounds a shard worker's memory (cut longer texts with --sample-by paragraph or line).
+MAX_DOCUMENT_CHARS = 8 << 20
+TOO_LONG = "longer than 8 Mi characters"
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):  # a tuple: millions are made, one per document, clip or image
     key: str
-    value: object = None  # the payload: str for text
+    value: object = None  # the payload: str for text, arrays for audio and images
     skip: str | None = None  # why the record is unusable; None when it is fine
+    meta: dict | None = None  # what the codec adds to the item's meta (e.g. an image's source size)
 
 
 def split_of(key: str, val_fraction: float) -> str:
@@ -77,6 +86,15 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return sorted(found.values())
 
 
+def require_regular_file(path: Path) -> int:
+    """The size of `path`; raises (with a reason for the manifest) unless it is a regular file:
+    reading a FIFO would block forever. An unreadable file raises PermissionError when read."""
+    info = os.stat(path)  # OSError for broken symlinks, symlink loops
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
+    return info.st_size
+
+
 def common_root(files: list[Path]) -> Path:
     if not files:
         raise ArpipeError("no input files")
@@ -91,25 +109,20 @@ def builder_for(path: Path) -> str:
 
 
 def read_text(path: Path, root: Path, sample_by: str = "document", text_field: str = "text") -> Iterator[Record]:
-    """Documents of one input file. Plain text is cut by `sample_by`; tabular rows are documents.
+    """Documents of one input file. Plain text (also gzip, bzip2 or xz compressed) is cut by
+    `sample_by`; tabular rows are documents.
 
     Raises OSError/ValueError-like exceptions from `datasets` for unreadable files; the caller
     records the file as skipped.
     """
     name = str(path.relative_to(root))
     builder = builder_for(path)
-    if builder == "text" and is_plain_file(path):  # the same documents, without `datasets` (see below)
-        for index, text in enumerate(plain_text_documents(path, sample_by)):
-            yield Record(f"{name}:{index}", text, text_problem(text))
+    if builder == "text" and (opener := text_opener(path)):  # the same documents, without `datasets` (see below)
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for index, text in enumerate(text_documents(f, sample_by)):
+                yield Record(f"{name}:{index}", text, text_problem(text))
         return
-    # arpipe never downloads: without these, `datasets` probes the Hub (seconds per stall).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("USE_TORCH", "0")  # else `datasets` imports torch (seconds per worker) for nothing we use
-    import datasets
-
-    datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    datasets = import_datasets()
     # streaming: read the file where it lies, no Arrow cache copy of the corpus.
     # "replace" turns undecodable bytes into U+FFFD, which text_problem reports per document.
     options = {"sample_by": sample_by, "encoding_errors": "replace"} if builder == "text" else {}
@@ -125,40 +138,72 @@ def read_text(path: Path, root: Path, sample_by: str = "document", text_field: s
         yield Record(key, text, text_problem(text))
 
 
-def is_plain_file(path: Path) -> bool:
-    """A regular file that is neither compressed nor an archive (by name and by magic number)."""
-    if path.suffix.lower() in PACKED_SUFFIXES or not stat.S_ISREG(os.stat(path).st_mode):
-        return False
+def import_datasets():
+    """HF `datasets`, set up never to download and to stay quiet."""
+    # arpipe never downloads: without these, `datasets` probes the Hub (seconds per stall).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("USE_TORCH", "0")  # else `datasets` imports torch (seconds per worker) for nothing we use
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    return datasets
+
+
+def text_opener(path: Path):
+    """How arpipe reads a text file itself: `open` for a plain file, the decompressor's own
+    `open` for one gzip, bzip2 or xz stream (by magic number); None for archives (zip, tar, …)
+    and other packings, which `datasets` unpacks."""
     with open(path, "rb") as f:
-        return not f.read(8).startswith(PACKED_MAGIC)
+        magic = f.read(8)
+    if path.name.lower().endswith(ARCHIVES):
+        return None
+    for prefix, opener in COMPRESSED_TEXT.items():
+        if magic.startswith(prefix):
+            return opener
+    if path.suffix.lower() in PACKED_SUFFIXES or magic.startswith(PACKED_MAGIC):
+        return None
+    return open
 
 
-def plain_text_documents(path: Path, sample_by: str, chunk: int = 10 << 20) -> Iterator[str]:
-    """A plain text file's documents, cut exactly as `datasets`' text builder cuts them (universal
-    newlines; paragraphs split at blank lines, empty ones dropped; lines without their line break)
-    and read in 10 MB pieces as it does. Reading the file directly is 5-10× faster, and a shard
-    worker then never imports `datasets` and torch (seconds per process)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        if sample_by == "document":
-            yield f.read()
-        elif sample_by == "line":
-            while batch := f.read(chunk):
-                yield from (line.rstrip("\n") for line in io.StringIO(batch + f.readline()).readlines())
-        else:
-            carry = ""
-            while batch := f.read(chunk):
-                *paragraphs, carry = (carry + batch + f.readline()).split("\n\n")
-                yield from (p for p in paragraphs if p)
-            if carry:
-                yield carry
+def text_documents(f, sample_by: str, chunk: int = 1 << 20) -> Iterator[str]:
+    """A text stream's documents, cut exactly as `datasets`' text builder cuts them (universal
+    newlines; paragraphs split at blank lines, empty ones dropped; lines without their line
+    break), read `chunk` characters at a time. Reading directly is 5-10× faster, and a shard
+    worker then never imports `datasets` and torch (seconds per process).
+
+    Memory stays bounded: a document longer than MAX_DOCUMENT_CHARS comes out as its first
+    MAX_DOCUMENT_CHARS + 1 characters, which `text_problem` refuses, and the rest is skipped
+    unread into memory."""
+    if sample_by == "document":
+        yield f.read(MAX_DOCUMENT_CHARS + 1)
+        return
+    separator = "\n" if sample_by == "line" else "\n\n"
+    keep = len(separator) - 1  # what a separator split across two reads leaves of it
+    carry, too_long = "", False
+    while batch := f.read(chunk):
+        *pieces, carry = (carry + batch).split(separator)
+        if too_long and pieces:  # the end of a document already reported as too long
+            pieces, too_long = pieces[1:], False
+        yield from pieces if sample_by == "line" else filter(None, pieces)
+        if too_long or len(carry) > MAX_DOCUMENT_CHARS:
+            if not too_long:
+                yield carry[: MAX_DOCUMENT_CHARS + 1]
+                too_long = True
+            carry = carry[len(carry) - keep :]
+    if carry and not too_long:
+        yield carry
 
 
 def text_problem(text) -> str | None:
     """Why a document cannot be tokenised, or None."""
     if not isinstance(text, str):
         return "not a string"
-    if not text.strip():
+    if not text or text.isspace():
         return "empty"
+    if len(text) > MAX_DOCUMENT_CHARS:
+        return TOO_LONG
     if "\x00" in text:
         return "NUL bytes"
     if "\ufffd" in text:  # how undecodable bytes come out of the reader

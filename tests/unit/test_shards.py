@@ -187,10 +187,12 @@ def test_codecs_and_sources_never_import_the_layers_above():
 
 @pytest.mark.parametrize("sample_by", ["document", "paragraph", "line"])
 def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
-    """Plain files are read directly (fast); `datasets`' text builder is the reference."""
+    """Plain and gzipped files are read directly (fast); `datasets`' text builder is the reference."""
+    import gzip
+
     import datasets
 
-    from pipeline.data.sources import plain_text_documents
+    from pipeline.data.sources import text_documents, text_opener
 
     cases = {
         "crlf.txt": b"one\r\ntwo\r\n\r\nthree\r\n",
@@ -199,6 +201,7 @@ def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
         "latin1.txt": "caf\xe9\n\nna\xefve".encode("latin-1"),
         "long.txt": ("word " * 50 + "\n\n" + "line\n" * 30).encode() * 40,
         "empty.txt": b"",
+        "long.txt.gz": gzip.compress(("word " * 50 + "\n\n\r\n" + "line\r\n" * 30).encode() * 40),
     }
     for name, data in cases.items():
         path = tmp_path / name
@@ -206,4 +209,5 @@ def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
         reference = [r["text"] for r in datasets.load_dataset(
             "text", data_files=[str(path)], split="train", streaming=True, sample_by=sample_by,
             encoding_errors="replace")]
-        assert list(plain_text_documents(path, sample_by, chunk=64)) == reference, name
+        with text_opener(path)(path, "rt", encoding="utf-8", errors="replace") as f:
+            assert list(text_documents(f, sample_by, chunk=64)) == reference, name
