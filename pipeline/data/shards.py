@@ -4,7 +4,7 @@ Layout of OUT/:
   plan.json                       the settings and inputs, fixed by the first run
   tokenizer.json …                the codec's files
   {split}/{split}-{task:05d}-{n:06d}.tar
-  _tasks/task-{task:05d}.json     a task's done-marker: its shards, counts and skips
+  _tasks/task-{task:05d}.json     a task's done-marker: its shards, counts, skips and its process's peak RSS
   manifest.json                   everything above merged, written last
 
 One WebDataset sample is a *chunk* of many items (≈ 2 MB of tokens), because WebDataset's cost is
@@ -282,10 +282,21 @@ def run_task(out: Path, task: int) -> dict:
         flush(split)
     progress.add(0, force=True)
     result = {"task": task, "shards": [e for s in SPLITS for e in writers[s].close()],
-              "skipped_files": skipped_files, "skipped_items": dict(skipped_items), "skipped_examples": examples}
+              "skipped_files": skipped_files, "skipped_items": dict(skipped_items), "skipped_examples": examples,
+              "peak_rss_mb": peak_rss_mb()}
     marker.parent.mkdir(exist_ok=True)
     write_json_atomic(marker, result)
     return result
+
+
+def peak_rss_mb() -> int | None:
+    """This process's own peak resident memory in MB: VmHWM, which starts afresh at exec, unlike
+    getrusage's ru_maxrss, which also counts the process it was forked from. None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        return None
 
 
 class Progress:

@@ -29,10 +29,11 @@ PACKED_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"BZh", b"\x1f\x8b"
 ARCHIVES = (".zip", ".eval", ".tar", ".tgz", ".7z", ".rar", ".tar.gz", ".tar.bz2", ".tar.xz")
 # Single compressed streams that arpipe reads itself, in bounded pieces, by magic number.
 COMPRESSED_TEXT = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
-# A longer document is skipped: the tokenizer holds about 100 bytes per token of one document,
-# so this bounds a shard worker's memory (cut longer texts with --sample-by paragraph or line).
-MAX_DOCUMENT_CHARS = 8 << 20
-TOO_LONG = "longer than 8 Mi characters"
+# A longer document is skipped: the tokenizer needs about 500 bytes per token of a document, so
+# this bounds a shard worker's memory to about 0.7 GB (cut longer texts with --sample-by
+# paragraph or line).
+MAX_DOCUMENT_CHARS = 4 << 20
+TOO_LONG = "longer than 4 Mi characters"
 
 
 class Record(NamedTuple):  # a tuple: millions are made, one per document, clip or image

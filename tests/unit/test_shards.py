@@ -24,6 +24,17 @@ def digest(out) -> dict:
     return items
 
 
+def texts(out) -> dict[str, str]:
+    """key -> decoded text, over every item of a text shard directory."""
+    shards, found = Shards(out), {}
+    for split in ("train", "val"):
+        for shard, entry in shards.chunks(split):
+            tokens, offsets = shards.read_chunk(shard, entry["key"])
+            meta = json.loads(shards.read(shard, entry["key"], "meta.json"))
+            found.update({m["key"]: shards.codec.decode(tokens[a:b]) for m, a, b in zip(meta["items"], offsets, offsets[1:])})
+    return found
+
+
 def test_round_trip_decodes_every_document(corpus, text_shards):
     shards = Shards(text_shards)
     manifest = shards.manifest
