@@ -29,7 +29,9 @@ def _fraction(value: str) -> float:
 def add_stage_options(p: argparse.ArgumentParser) -> None:
     """Options every `arpipe shard <modality>` shares."""
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="input files, directories or globs (** recurses)")
+                   help="input files, directories or globs (** recurses); hf://USER/NAME for a Hugging Face "
+                        "dataset in the local cache, hf://DIR for a local one in the Hub's layout; a "
+                        "directory written by save_to_disk is read as a dataset")
     p.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
     p.add_argument("--workers", type=_positive, default=1, help="parallel processes on this machine (default 1)")
     p.add_argument("--task", type=int, help="run only task I (a Slurm array element), then stop")
@@ -39,6 +41,12 @@ def add_stage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=_fraction, default=0.05, help="share of items in the val split (default 0.05)")
     p.add_argument("--chunk-mb", type=float, default=2.0, help="MB of tokens per WebDataset sample (default 2)")
     p.add_argument("--shard-mb", type=float, default=256.0, help="MB per tar shard (default 256)")
+    hf = p.add_argument_group("Hugging Face datasets (--input hf://… or a save_to_disk directory)")
+    hf.add_argument("--hf-split", nargs="+", default=["train"], metavar="SPLIT",
+                    help="the dataset splits to read (default train); arpipe makes its own train/val split")
+    hf.add_argument("--hf-config", metavar="NAME", help="the dataset's configuration (subset), if it has several")
+    hf.add_argument("--hf-revision", metavar="REV", help="a commit, branch or tag of a Hub dataset (default: the "
+                    "latest cached)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +141,7 @@ def shard(args) -> None:
     settings = {"modality": args.modality, "val_fraction": args.val_fraction,
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
-    inputs = [] if args.finalize else expand_inputs(args.input)
+    inputs = [] if args.finalize else expand_inputs(args.input, args.hf_split, args.hf_config, args.hf_revision)
     run_stage(args.out, settings, inputs, codec.maker(settings, args), workers=args.workers,
               num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 

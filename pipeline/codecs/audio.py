@@ -8,7 +8,6 @@ everything above the new Nyquist frequency back into the band as aliases.
 """
 
 import io
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec
+from pipeline.data.hf_inputs import DatasetPart, import_datasets
 from pipeline.data.sources import Record
 
 # audiofolder metadata that sits next to the audio; it is not audio and is not read.
@@ -148,34 +148,46 @@ class AudioCodec(Codec):
         return {"modality": self.modality, "vocab_size": self.vocab_size,
                 "sample_rate": self.sample_rate, "mu": self.mu}
 
-    def read_records(self, path: Path, root: Path, settings: dict):
-        """One record per clip, keyed path:index (counting clips across a parquet file's rows),
-        its value the clip's μ-law tokens. Clips come out as the file is decoded. A file that
-        cannot be decoded raises (the shard task skips and reports it); a parquet row that cannot
-        be decoded is a skipped record."""
+    def read_records(self, path: Path | DatasetPart, root: Path, settings: dict):
+        """One record per clip, keyed path:index (counting clips across a parquet file's rows;
+        a dataset row's clips are ROW_KEY:index), its value the clip's μ-law tokens. Clips come
+        out as the file is decoded. A file that cannot be decoded raises (the shard task skips
+        and reports it); a parquet or dataset row that cannot be decoded is a skipped record."""
+        clip = settings.get("clip_seconds")
+        clip_len = min(max(1, round(clip * self.sample_rate)), MAX_ITEM_SAMPLES) if clip else MAX_ITEM_SAMPLES
+        field = settings.get("audio_field", "audio")
+        if isinstance(path, DatasetPart):
+            for key, cell in path.cells(field, "--audio-field"):
+                yield from self._cell_clips(key, 0, cell, path.resolve, clip_len)
+            return
         if path.name in AUDIOFOLDER_METADATA:
             return
         name = str(path.relative_to(root))
-        clip = settings.get("clip_seconds")
-        clip_len = min(max(1, round(clip * self.sample_rate)), MAX_ITEM_SAMPLES) if clip else MAX_ITEM_SAMPLES
         if path.suffix.lower() != ".parquet":
             yield from self._clips(name, 0, decode_blocks(path, self.sample_rate), clip_len)
             return
         index = 0
-        for audio in read_audio_column(path, settings.get("audio_field", "audio")):
-            try:
-                if audio.get("bytes"):
-                    source = io.BytesIO(audio["bytes"])
-                elif audio.get("path"):
-                    source = path.parent / audio["path"]
-                else:
-                    raise ValueError("no audio")
-                for record in self._clips(name, index, decode_blocks(source, self.sample_rate), clip_len):
-                    yield record
-                    index += 1
-            except Exception as e:  # soundfile's errors, truncation, missing files: the row's rest is lost
-                yield Record(f"{name}:{index}", skip="truncated" if isinstance(e, TruncatedAudio) else "undecodable")
+        for cell in read_audio_column(path, field):
+            for record in self._cell_clips(name, index, cell, lambda p: path.parent / p, clip_len):
+                yield record
                 index += 1
+
+    def _cell_clips(self, name: str, first: int, cell: dict | None, resolve, clip_len: int):
+        """The clips of an HF Audio cell ({bytes, path}); a cell that cannot be decoded ends as
+        a skipped record."""
+        index = first
+        try:
+            if cell and cell.get("bytes"):
+                source = io.BytesIO(cell["bytes"])
+            elif cell and cell.get("path"):
+                source = resolve(cell["path"])
+            else:
+                raise ValueError("no audio")
+            for record in self._clips(name, first, decode_blocks(source, self.sample_rate), clip_len):
+                yield record
+                index += 1
+        except Exception as e:  # soundfile's errors, truncation, missing files: the row's rest is lost
+            yield Record(f"{name}:{index}", skip="truncated" if isinstance(e, TruncatedAudio) else "undecodable")
 
     def _clips(self, name: str, first: int, blocks, clip_len: int):
         """Records name:first, name:first+1, … of at most clip_len μ-law tokens each, quantised
@@ -236,11 +248,7 @@ class AudioCodec(Codec):
 def read_audio_column(path: Path, field: str):
     """The `field` column of a parquet file as HF Audio dicts {bytes, path}, undecoded: we decode
     with soundfile ourselves, so `datasets` needs no audio backend."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # arpipe never downloads
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
+    datasets = import_datasets()
     rows = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
     if rows.features is not None and field not in rows.features:
         raise ValueError(f"no {field!r} column (columns: {sorted(rows.features)})")

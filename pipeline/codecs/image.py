@@ -30,7 +30,8 @@ import numpy as np
 from pipeline import ArpipeError
 from pipeline.codecs import Codec
 from pipeline.codecs.ordering import ORDERINGS, inverse, permutation
-from pipeline.data.sources import Record
+from pipeline.data.hf_inputs import DatasetPart, import_datasets
+from pipeline.data.sources import Record, readable, require_regular_file
 
 ARRAY_SUFFIXES = (".npz", ".npy")
 IDX = re.compile(r"idx\d-ubyte(\.gz)?$|\.idx(\.gz)?$")
@@ -212,7 +213,11 @@ def parse_size(value: str) -> list[int]:
 
 
 # --- readers: one Record per image; a file that cannot be read raises (shards.run_task records it)
-def read_images(path: Path, root: Path, image_field: str = "image", array_key: str | None = None):
+def read_images(path: Path | DatasetPart, root: Path, image_field: str = "image", array_key: str | None = None):
+    if isinstance(path, DatasetPart):
+        for key, cell in path.cells(image_field, "--image-field"):
+            yield cell_image(key, cell, path.resolve)
+        return
     name = str(path.relative_to(root))
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
@@ -236,23 +241,22 @@ def decode_image(source):
     return image
 
 
-def read_parquet(path: Path, name: str, field: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # arpipe never downloads (see sources.read_text)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
+def cell_image(key: str, cell: dict | None, resolve) -> Record:
+    """The record of an HF Image cell ({bytes, path}): one that cannot be decoded is a skip."""
+    try:
+        return Record(key, decode_image(cell["bytes"] if cell["bytes"] is not None else resolve(cell["path"])))
+    except Exception:  # Pillow raises several types for bad data; a cell may be None or lack both
+        return Record(key, skip="undecodable image")
 
-    datasets.disable_progress_bars()
+
+def read_parquet(path: Path, name: str, field: str):
+    datasets = import_datasets()
     rows = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
     if rows.features is not None and field not in rows.features:
         raise ValueError(f"no {field!r} column (columns: {sorted(rows.features)})")
     rows = rows.cast_column(field, datasets.Image(decode=False))  # we decode, so a bad row is one skip
     for index, row in enumerate(rows):
-        key, cell = f"{name}:{index}", row[field]
-        try:
-            data = cell["bytes"] if cell["bytes"] is not None else (path.parent / cell["path"]).read_bytes()
-            yield Record(key, decode_image(data))
-        except Exception:  # Pillow raises several types for bad data
-            yield Record(key, skip="undecodable image")
+        yield cell_image(f"{name}:{index}", row[field], lambda p: path.parent / p)
 
 
 def array_images(path: Path, key: str | None = None):
@@ -358,9 +362,11 @@ def source_shape(value) -> tuple[int, int, int]:
 
 def first_image_shape(inputs: list[Path], root: Path, settings: dict) -> tuple[int, int, int]:
     """(height, width, channels) of the first readable image, for --size/--channels defaults."""
-    for path in inputs:
+    for item in inputs:
         try:
-            for record in read_images(path, root, settings["image_field"], settings["array_key"]):
+            if isinstance(item, Path):
+                require_regular_file(item)  # a FIFO would block
+            for record in read_images(readable(item), root, settings["image_field"], settings["array_key"]):
                 if record.skip is None:
                     return source_shape(record.value)
         except Exception:  # unreadable: the shard task reports it; look at the next input

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, codec_file
-from pipeline.data.sources import Record, read_text, require_regular_file, split_of
+from pipeline.data.sources import Record, read_text, readable, require_regular_file, split_of
 from pipeline.log import LOG
 
 EOS = "<|endoftext|>"
@@ -158,8 +158,9 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
                 seen = 0
                 for i in np.random.default_rng(0).permutation(len(inputs)):
                     try:
-                        require_regular_file(inputs[i])  # a FIFO would block
-                        for r in read_text(inputs[i], root, settings["sample_by"], settings["text_field"]):
+                        if isinstance(inputs[i], Path):
+                            require_regular_file(inputs[i])  # a FIFO would block
+                        for r in read_text(readable(inputs[i]), root, settings["sample_by"], settings["text_field"]):
                             if r.skip is None and split_of(r.key, settings["val_fraction"]) == "train":
                                 yield r.value
                                 seen += len(r.value)

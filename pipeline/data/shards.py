@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, load_codec
+from pipeline.data.hf_inputs import PREFIX, DatasetInput, DatasetPart
 from pipeline.data.sources import common_root, require_regular_file, split_of
 from pipeline.log import LOG
 
@@ -167,7 +168,8 @@ class Plan:
     def load(cls, out: Path) -> "Plan":
         return cls(out, json.loads((out / "plan.json").read_text()))
 
-    inputs = cached_property(lambda self: [Path(p) for p in self.data["inputs"]])
+    inputs = cached_property(lambda self: [DatasetInput.parse(p) if p.startswith(PREFIX) else Path(p)
+                                           for p in self.data["inputs"]])
     root = property(lambda self: Path(self.data["root"]))
     num_tasks = property(lambda self: self.data["num_tasks"])
 
@@ -175,8 +177,11 @@ class Plan:
     def codec(self) -> Codec:
         return load_codec(self.data["codec"], self.out)
 
-    def task_inputs(self, task: int) -> list[Path]:
-        return self.inputs[task :: self.num_tasks]
+    def task_inputs(self, task: int) -> list[Path | DatasetPart]:
+        """Files i, i+N, … of task i of N, then its 1/N of every dataset split's rows."""
+        files = [p for p in self.inputs if isinstance(p, Path)]
+        splits = [d.part(task, self.num_tasks) for d in self.inputs if isinstance(d, DatasetInput)]
+        return files[task :: self.num_tasks] + splits
 
     def marker(self, task: int) -> Path:
         return self.out / "_tasks" / f"task-{task:05d}.json"
@@ -258,7 +263,7 @@ def run_task(out: Path, task: int) -> dict:
     for path in plan.task_inputs(task):
         items, size = 0, 0
         try:
-            size = require_regular_file(path)
+            size = require_regular_file(path) if isinstance(path, Path) else path.size
             for record in codec.read_records(path, plan.root, settings):
                 if record.skip:
                     skipped_items[record.skip] += 1
@@ -273,9 +278,13 @@ def run_task(out: Path, task: int) -> dict:
                 pending_bytes[split] += value.nbytes if isinstance(value, np.ndarray) else len(value)
                 if len(pending[split]) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
                     flush(split)
+        except ArpipeError:  # an option to change (a dataset's split, column, …): fatal, with its message
+            raise
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
-            reason = "empty file" if size == 0 and os.path.isfile(path) else f"{type(e).__name__}: {e}"
-            skipped = {"input": str(path.relative_to(plan.root)), "reason": reason[:500]}
+            empty = size == 0 and isinstance(path, Path) and os.path.isfile(path)
+            reason = "empty file" if empty else f"{type(e).__name__}: {e}"
+            name = str(path.relative_to(plan.root)) if isinstance(path, Path) else str(path)
+            skipped = {"input": name, "reason": reason[:500]}
             skipped_files.append({**skipped, "items_kept": items} if items else skipped)
         progress.add(size)
     for split in SPLITS:
@@ -314,7 +323,9 @@ class Progress:
             self.bytes, self.last = 0, time.monotonic()
 
 
-def _size(path: Path) -> int:
+def _size(path: Path | DatasetPart) -> int:
+    if isinstance(path, DatasetPart):
+        return path.size
     try:
         return path.stat().st_size
     except OSError:

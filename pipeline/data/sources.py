@@ -10,7 +10,6 @@ import bz2
 import glob
 import gzip
 import hashlib
-import logging
 import lzma
 import os
 import stat
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline import ArpipeError
+from pipeline.data.hf_inputs import PREFIX, DatasetInput, DatasetPart, dataset_inputs, import_datasets, is_saved_dataset
 
 # File suffixes read by a tabular `datasets` builder (one record per row); all else is plain text.
 TABULAR_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -49,8 +49,11 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if h < val_fraction * 2**64 else "train"
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted.
+def expand_inputs(patterns: list[str], hf_splits=("train",), hf_config: str | None = None,
+                  hf_revision: str | None = None) -> list[Path | DatasetInput]:
+    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted; then
+    the Hugging Face datasets named by `hf://…` or by a directory `save_to_disk` wrote, one input
+    per split (see hf_inputs.py).
 
     A file reached through several symlinked paths is listed once. Directory loops made of
     symlinks are walked once. Broken symlinks, symlink loops and special files (FIFOs, sockets)
@@ -67,7 +70,11 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             key = str(path.absolute())
         found.setdefault(key, path.absolute())
 
+    splits = []
     for pattern in patterns:
+        if pattern.startswith(PREFIX) or is_saved_dataset(Path(pattern)):
+            splits += dataset_inputs(pattern, list(hf_splits), hf_config, hf_revision)
+            continue
         matches = glob.glob(os.path.expanduser(pattern), recursive=True)
         if not matches:
             raise ArpipeError(f"--input {pattern!r} matches no file")
@@ -84,7 +91,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
                 seen_dirs.add(real)
                 for name in files:
                     add(Path(directory, name), real)
-    return sorted(found.values())
+    return sorted(found.values()) + splits
 
 
 def require_regular_file(path: Path) -> int:
@@ -96,10 +103,17 @@ def require_regular_file(path: Path) -> int:
     return info.st_size
 
 
-def common_root(files: list[Path]) -> Path:
-    if not files:
+def common_root(inputs: list) -> Path:
+    """The directory input files' keys are relative to (the current one without files)."""
+    files = [f for f in inputs if isinstance(f, Path)]
+    if not inputs:
         raise ArpipeError("no input files")
-    return Path(os.path.commonpath([str(f.parent) for f in files]))
+    return Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path.cwd()
+
+
+def readable(item: Path | DatasetInput) -> Path | DatasetPart:
+    """What a codec reads for a whole input: the file, or all of a dataset split's rows."""
+    return item.part(0, 1) if isinstance(item, DatasetInput) else item
 
 
 def builder_for(path: Path) -> str:
@@ -109,13 +123,18 @@ def builder_for(path: Path) -> str:
     return TABULAR_BUILDERS.get(suffixes[-1] if suffixes else "", "text")
 
 
-def read_text(path: Path, root: Path, sample_by: str = "document", text_field: str = "text") -> Iterator[Record]:
-    """Documents of one input file. Plain text (also gzip, bzip2 or xz compressed) is cut by
-    `sample_by`; tabular rows are documents.
+def read_text(path: Path | DatasetPart, root: Path, sample_by: str = "document",
+              text_field: str = "text") -> Iterator[Record]:
+    """Documents of one input. Plain text (also gzip, bzip2 or xz compressed) is cut by
+    `sample_by`; tabular rows and dataset rows are documents.
 
     Raises OSError/ValueError-like exceptions from `datasets` for unreadable files; the caller
     records the file as skipped.
     """
+    if isinstance(path, DatasetPart):
+        for key, text in path.cells(text_field, "--text-field"):
+            yield Record(key, text, text_problem(text))
+        return
     name = str(path.relative_to(root))
     builder = builder_for(path)
     if builder == "text" and (opener := text_opener(path)):  # the same documents, without `datasets` (see below)
@@ -137,19 +156,6 @@ def read_text(path: Path, root: Path, sample_by: str = "document", text_field: s
         else:
             text = row[text_field]
         yield Record(key, text, text_problem(text))
-
-
-def import_datasets():
-    """HF `datasets`, set up never to download and to stay quiet."""
-    # arpipe never downloads: without these, `datasets` probes the Hub (seconds per stall).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("USE_TORCH", "0")  # else `datasets` imports torch (seconds per worker) for nothing we use
-    import datasets
-
-    datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
-    return datasets
 
 
 def text_opener(path: Path):
