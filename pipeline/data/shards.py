@@ -86,8 +86,8 @@ class ShardWriter:
     on a small input) for an identical tar."""
 
     def __init__(self, directory: Path, split: str, task: int, dtype, chunk_bytes: int, shard_bytes: int):
-        self.directory, self.split, self.task, self.dtype = directory, split, task, dtype
-        self.chunk_bytes, self.shard_bytes = chunk_bytes, shard_bytes
+        self.directory, self.split, self.task, self.dtype = directory, split, task, np.dtype(dtype)
+        self.chunk_tokens, self.shard_bytes = chunk_bytes // self.dtype.itemsize, shard_bytes
         self.entries: list[dict] = []
         self.tar = None
         self.n_chunks = 0
@@ -99,10 +99,12 @@ class ShardWriter:
         self.size = 0
 
     def add(self, tokens: np.ndarray, meta: dict) -> None:
-        self.tokens.append(tokens.astype(self.dtype, copy=False))
+        """One item: its tokens (in the codec's token dtype) and meta. Called once per document,
+        so it does as little as it can."""
+        self.tokens.append(tokens)
         self.meta.append(meta)
-        self.size += tokens.nbytes
-        if self.size >= self.chunk_bytes:
+        self.size += len(tokens)
+        if self.size >= self.chunk_tokens:
             self._flush_chunk()
 
     def _flush_chunk(self):
@@ -120,7 +122,7 @@ class ShardWriter:
         offsets = np.zeros(len(self.tokens) + 1, dtype=np.int64)
         np.cumsum([len(t) for t in self.tokens], out=offsets[1:])
         members = {
-            "tokens.npy": _npy_bytes(np.concatenate(self.tokens)),
+            "tokens.npy": _npy_bytes(np.concatenate(self.tokens).astype(self.dtype, copy=False)),
             "offsets.npy": _npy_bytes(offsets),
             "meta.json": json.dumps({"items": self.meta}).encode(),
         }
@@ -273,10 +275,11 @@ def run_task(out: Path, task: int) -> dict:
                     continue
                 items += 1
                 split = split_of(record.key, val_fraction)
-                pending[split].append(record)
+                batch = pending[split]
+                batch.append(record)
                 value = record.value
                 pending_bytes[split] += value.nbytes if isinstance(value, np.ndarray) else len(value)
-                if len(pending[split]) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
+                if len(batch) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
                     flush(split)
         except ArpipeError:  # an option to change (a dataset's split, column, …): fatal, with its message
             raise
