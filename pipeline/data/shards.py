@@ -170,8 +170,6 @@ class Plan:
     def load(cls, out: Path) -> "Plan":
         return cls(out, json.loads((out / "plan.json").read_text()))
 
-    inputs = cached_property(lambda self: [DatasetInput.parse(p) if p.startswith(PREFIX) else Path(p)
-                                           for p in self.data["inputs"]])
     root = property(lambda self: Path(self.data["root"]))
     num_tasks = property(lambda self: self.data["num_tasks"])
 
@@ -181,9 +179,9 @@ class Plan:
 
     def task_inputs(self, task: int) -> list[Path | DatasetPart]:
         """Files i, i+N, … of task i of N, then its 1/N of every dataset split's rows."""
-        files = [p for p in self.inputs if isinstance(p, Path)]
-        splits = [d.part(task, self.num_tasks) for d in self.inputs if isinstance(d, DatasetInput)]
-        return files[task :: self.num_tasks] + splits
+        files = [p for p in self.data["inputs"] if not p.startswith(PREFIX)]
+        splits = [DatasetInput.parse(p) for p in self.data["inputs"] if p.startswith(PREFIX)]
+        return [Path(p) for p in files[task :: self.num_tasks]] + [d.part(task, self.num_tasks) for d in splits]
 
     def marker(self, task: int) -> Path:
         return self.out / "_tasks" / f"task-{task:05d}.json"
@@ -222,7 +220,7 @@ def prepare(out: Path, settings: dict, inputs: list[Path], num_tasks: int | None
         return Plan(out, data)
 
 
-_progress = None  # bytes of input done, shared with pool workers for the progress bar
+_progress = None  # (bytes done, bytes of the started tasks' inputs), shared with pool workers for the progress bar
 BATCH_ITEMS, BATCH_BYTES = 256, 1 << 20  # what one encode call gets: bounded in count and in size
 
 
@@ -261,11 +259,14 @@ def run_task(out: Path, task: int) -> dict:
         pending[split].clear()
         pending_bytes[split] = 0
 
-    progress = Progress()
-    for path in plan.task_inputs(task):
-        items, size = 0, 0
+    inputs = plan.task_inputs(task)
+    checked = [check_input(path) for path in inputs]  # each task stats its own inputs, in parallel
+    progress = Progress(sum(size for size, _ in checked))
+    for path, (size, problem) in zip(inputs, checked):
+        items = 0
         try:
-            size = require_regular_file(path) if isinstance(path, Path) else path.size
+            if problem:
+                raise problem
             for record in codec.read_records(path, plan.root, settings):
                 if record.skip:
                     skipped_items[record.skip] += 1
@@ -284,7 +285,7 @@ def run_task(out: Path, task: int) -> dict:
         except ArpipeError:  # an option to change (a dataset's split, column, …): fatal, with its message
             raise
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
-            empty = size == 0 and isinstance(path, Path) and os.path.isfile(path)
+            empty = size == 0 and problem is None and isinstance(path, Path)
             reason = "empty file" if empty else f"{type(e).__name__}: {e}"
             name = str(path.relative_to(plan.root)) if isinstance(path, Path) else str(path)
             skipped = {"input": name, "reason": reason[:500]}
@@ -311,42 +312,51 @@ def peak_rss_mb() -> int | None:
         return None
 
 
-class Progress:
-    """Input bytes done, added to the shared counter at most twice a second (not once per
-    file: a folder of small images has hundreds of thousands)."""
+def check_input(path: Path | DatasetPart) -> tuple[int, Exception | None]:
+    """(size in bytes, the problem that makes it unreadable or None): a file must be a regular
+    one (reading a FIFO would block); a dataset part's size is approximate."""
+    if isinstance(path, DatasetPart):
+        return path.size, None
+    try:
+        return require_regular_file(path), None
+    except OSError as e:  # broken symlinks, symlink loops, FIFOs
+        return 0, e
 
-    def __init__(self):
+
+class Progress:
+    """A task's input bytes: all of them added to the shared total at its start, those done
+    added at most twice a second (not once per file: a folder of images has many)."""
+
+    def __init__(self, total: int):
         self.bytes, self.last = 0, time.monotonic()
+        if _progress is not None:
+            with _progress.get_lock():
+                _progress[1] += total
 
     def add(self, size: int, force: bool = False) -> None:
         self.bytes += size
         if _progress is not None and (force or time.monotonic() - self.last > 0.5):
             with _progress.get_lock():
-                _progress.value += self.bytes
+                _progress[0] += self.bytes
             self.bytes, self.last = 0, time.monotonic()
 
 
-def _size(path: Path | DatasetPart) -> int:
-    if isinstance(path, DatasetPart):
-        return path.size
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
 def run_tasks(out: Path, tasks: list[int], workers: int) -> None:
-    """Run shard tasks in a process pool with a progress bar over input bytes."""
-    plan = Plan.load(out)
+    """Run shard tasks in a process pool with a progress bar over input bytes (the total grows as
+    tasks start: each measures its own inputs)."""
     ctx = get_context("spawn")  # fork after tokenizers/torch threads started can deadlock
-    progress = ctx.Value("q", 0)
-    total = sum(_size(p) for t in tasks for p in plan.task_inputs(t))
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="shard", disable=None)
+    progress = ctx.Array("q", 2)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="shard", disable=None)
+
+    def update():
+        bar.total = progress[1]
+        bar.update(progress[0] - bar.n)
+
     if workers <= 1:
         _init_worker(progress)
         for t in tasks:
             run_task(out, t)
-            bar.update(progress.value - bar.n)
+            update()
     else:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
             pending = {pool.submit(run_task, out, t) for t in tasks}
@@ -354,7 +364,7 @@ def run_tasks(out: Path, tasks: list[int], workers: int) -> None:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     future.result()
-                bar.update(progress.value - bar.n)
+                update()
     bar.close()
 
 
@@ -381,7 +391,7 @@ def finalize(out: Path) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "codec": plan.data["codec"],
         "settings": plan.data["settings"],
-        "inputs": {"root": plan.data["root"], "files": len(plan.inputs)},
+        "inputs": {"root": plan.data["root"], "files": len(plan.data["inputs"])},
         "tasks": plan.num_tasks,
         "splits": splits,
         "skipped": {"files": [f for r in results for f in r["skipped_files"]],
@@ -461,7 +471,7 @@ def run_stage(out: Path, settings: dict, inputs: list[Path], make_codec, *, work
         return None
     pending = plan.pending()
     LOG.info("shard: %d inputs, %d tasks, %d to run, %d workers -> %s",
-             len(plan.inputs), plan.num_tasks, len(pending), workers, out)
+             len(plan.data["inputs"]), plan.num_tasks, len(pending), workers, out)
     run_tasks(out, pending, workers)
     manifest = finalize(out)
     for split, totals in manifest["splits"].items():

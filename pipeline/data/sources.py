@@ -58,17 +58,13 @@ def expand_inputs(patterns: list[str], hf_splits=("train",), hf_config: str | No
     A file reached through several symlinked paths is listed once. Directory loops made of
     symlinks are walked once. Broken symlinks, symlink loops and special files (FIFOs, sockets)
     are listed too: the shard task that meets them records them as skipped, with the reason."""
-    found: dict[str, Path] = {}  # real path -> first path that reached it
+    found: dict[str, str] = {}  # real path -> first path that reached it
 
-    def add(path: Path, real_dir: str | None = None):
-        try:
-            if real_dir is not None and not stat.S_ISLNK(os.lstat(path).st_mode):
-                key = os.path.join(real_dir, path.name)  # what resolve() gives, without its lstat per component
-            else:
-                key = str(path.resolve(strict=True))
+    def add(path: str, real: str | None = None):
+        try:  # `real` is what resolve() gives, known without a system call per file
+            found.setdefault(real or str(Path(path).resolve(strict=True)), path)
         except (OSError, RuntimeError):  # broken symlink or symlink loop: keep it to report it
-            key = str(path.absolute())
-        found.setdefault(key, path.absolute())
+            found.setdefault(path, path)
 
     splits = []
     for pattern in patterns:
@@ -78,20 +74,35 @@ def expand_inputs(patterns: list[str], hf_splits=("train",), hf_config: str | No
         matches = glob.glob(os.path.expanduser(pattern), recursive=True)
         if not matches:
             raise ArpipeError(f"--input {pattern!r} matches no file")
-        for match in map(Path, matches):
-            if not match.is_dir():
+        for match in map(os.path.abspath, matches):
+            if not os.path.isdir(match):
                 add(match)
                 continue
-            seen_dirs = set()
-            for directory, subdirs, files in os.walk(match, followlinks=True):
+            seen_dirs, directories = set(), [match]
+            while directories:  # followed into symlinked directories, each real one walked once
+                directory = directories.pop()
                 real = os.path.realpath(directory)
-                if real in seen_dirs:  # a symlink loop back into a walked directory
-                    subdirs.clear()
+                if real in seen_dirs:
                     continue
                 seen_dirs.add(real)
-                for name in files:
-                    add(Path(directory, name), real)
-    return sorted(found.values()) + splits
+                try:
+                    with os.scandir(directory) as entries:
+                        for entry in entries:
+                            if is_directory(entry):
+                                directories.append(entry.path)
+                            else:
+                                add(entry.path, None if entry.is_symlink() else os.path.join(real, entry.name))
+                except PermissionError:  # listed, so that the shard task reports it as skipped
+                    add(directory)
+    return [Path(p) for p in sorted(found.values())] + splits
+
+
+def is_directory(entry: os.DirEntry) -> bool:
+    """Whether a directory entry is, or links to, a directory (a symlink loop is not)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def require_regular_file(path: Path) -> int:
