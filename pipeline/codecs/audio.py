@@ -16,7 +16,7 @@ import numpy as np
 from pipeline import ArpipeError
 from pipeline.codecs import Codec
 from pipeline.data.hf_inputs import DatasetPart, import_datasets
-from pipeline.data.sources import Record
+from pipeline.data.sources import Record, relative_name
 
 # audiofolder metadata that sits next to the audio; it is not audio and is not read.
 AUDIOFOLDER_METADATA = {"metadata.csv", "metadata.jsonl"}
@@ -74,7 +74,7 @@ def decode_blocks(source, sample_rate: int):
             if int(declared) > int(actual) and int(declared) not in UNKNOWN_LENGTH:
                 raise TruncatedAudio(f"the header declares {declared} bytes where the file holds {actual}")
         rate, frames, read = f.samplerate, f.frames, 0
-        resampler = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ") if rate != sample_rate else None
+        resampler = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, quality="HQ")
         buffer = np.empty((BLOCK_FRAMES, f.channels), np.float32)
         while len(block := f.read(dtype="float32", out=buffer)):  # a view of what was read
             read += len(block)
@@ -162,7 +162,7 @@ class AudioCodec(Codec):
             return
         if path.name in AUDIOFOLDER_METADATA:
             return
-        name = str(path.relative_to(root))
+        name = relative_name(path, root)
         if path.suffix.lower() != ".parquet":
             yield from self._clips(name, 0, decode_blocks(path, self.sample_rate), clip_len)
             return

@@ -26,12 +26,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps  # at import: a function-level import would cost every image
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec
 from pipeline.codecs.ordering import ORDERINGS, inverse, permutation
 from pipeline.data.hf_inputs import DatasetPart, import_datasets
-from pipeline.data.sources import Record, readable, require_regular_file
+from pipeline.data.sources import Record, readable, relative_name, require_regular_file
 
 ARRAY_SUFFIXES = (".npz", ".npy")
 IDX = re.compile(r"idx\d-ubyte(\.gz)?$|\.idx(\.gz)?$")
@@ -131,15 +132,14 @@ class ImageCodec(Codec):
 
     def pixels(self, value) -> np.ndarray:
         """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""
-        from PIL import Image, ImageOps
-
         if isinstance(value, np.ndarray):
             grey = value.ndim == 2 or value.shape[2] == 1
             if value.shape[:2] == (self.height, self.width) and (grey if self.channels == 1 else value.ndim == 3
                                                                    and value.shape[2] == 3):
                 return value.reshape(self.height, self.width, self.channels)  # what Pillow would return
             value = Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value)
-        image = value.convert("L" if self.channels == 1 else "RGB")
+        mode = "L" if self.channels == 1 else "RGB"
+        image = value if value.mode == mode else value.convert(mode)
         if image.size != (self.width, self.height):
             image = ImageOps.fit(image, (self.width, self.height), method=Image.Resampling.LANCZOS)
         return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, self.channels)
@@ -165,8 +165,6 @@ class ImageCodec(Codec):
         tinting the image itself. `given`, a (D,) bool over the rows' positions, is for a model
         with its own ordering (MADE), whose given variables may lie anywhere: each completion is
         then followed by a map of exactly those sub-pixels (full intensity: given; black: sampled)."""
-        from PIL import Image
-
         images = self.to_pixels(rows)
         pair = 1
         if given is not None:
@@ -218,7 +216,7 @@ def read_images(path: Path | DatasetPart, root: Path, image_field: str = "image"
         for key, cell in path.cells(image_field, "--image-field"):
             yield cell_image(key, cell, path.resolve)
         return
-    name = str(path.relative_to(root))
+    name = relative_name(path, root)
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
         for index, image in enumerate(array_images(path, array_key)):
@@ -232,8 +230,6 @@ def read_images(path: Path | DatasetPart, root: Path, image_field: str = "image"
 def decode_image(source):
     """A fully decoded Pillow image from a path or bytes (truncated or corrupt data raise here,
     not later; so do images above Pillow's decompression-bomb limit)."""
-    from PIL import Image, ImageOps
-
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()
     if "exif" in image.info or image.format == "TIFF":  # where an orientation tag can be
@@ -263,8 +259,6 @@ def array_images(path: Path, key: str | None = None):
     """The uint8 images (H, W[, C]) of an .npy / .npz / IDX file, read BLOCK_BYTES at a time:
     an IDX file may be gzipped and a .npz member deflated, so a small file can inflate to
     gigabytes. Images above Pillow's decompression-bomb limit are refused as Pillow refuses them."""
-    from PIL import Image
-
     with contextlib.ExitStack() as stack:
         f, dtype, shape = open_array(path, key, stack)
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):

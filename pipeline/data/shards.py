@@ -39,7 +39,7 @@ from tqdm import tqdm
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, load_codec
 from pipeline.data.hf_inputs import PREFIX, DatasetInput, DatasetPart
-from pipeline.data.sources import common_root, require_regular_file, split_of
+from pipeline.data.sources import common_root, relative_name, require_regular_file, split_of
 from pipeline.log import LOG
 
 FORMAT = 1
@@ -259,7 +259,7 @@ def run_task(out: Path, task: int) -> dict:
         pending[split].clear()
         pending_bytes[split] = 0
 
-    inputs = plan.task_inputs(task)
+    inputs, root = plan.task_inputs(task), plan.root
     checked = [check_input(path) for path in inputs]  # each task stats its own inputs, in parallel
     progress = Progress(sum(size for size, _ in checked))
     for path, (size, problem) in zip(inputs, checked):
@@ -267,7 +267,7 @@ def run_task(out: Path, task: int) -> dict:
         try:
             if problem:
                 raise problem
-            for record in codec.read_records(path, plan.root, settings):
+            for record in codec.read_records(path, root, settings):
                 if record.skip:
                     skipped_items[record.skip] += 1
                     keys = examples.setdefault(record.skip, [])
@@ -287,7 +287,7 @@ def run_task(out: Path, task: int) -> dict:
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
             empty = size == 0 and problem is None and isinstance(path, Path)
             reason = "empty file" if empty else f"{type(e).__name__}: {e}"
-            name = str(path.relative_to(plan.root)) if isinstance(path, Path) else str(path)
+            name = relative_name(path, root) if isinstance(path, Path) else str(path)
             skipped = {"input": name, "reason": reason[:500]}
             skipped_files.append({**skipped, "items_kept": items} if items else skipped)
         progress.add(size)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline import ArpipeError
-from pipeline.data.hf_inputs import PREFIX, DatasetInput, DatasetPart, dataset_inputs, import_datasets, is_saved_dataset
+from pipeline.data.hf_inputs import (PREFIX, DatasetInput, DatasetPart, dataset_inputs, import_datasets,
+                                     is_saved_dataset)
 
 # File suffixes read by a tabular `datasets` builder (one record per row); all else is plain text.
 TABULAR_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -122,6 +123,13 @@ def common_root(inputs: list) -> Path:
     return Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path.cwd()
 
 
+def relative_name(path: Path, root: Path) -> str:
+    """`str(path.relative_to(root))` for a path under root, without its cost (once per image)."""
+    prefix = str(root).rstrip("/") + "/"
+    text = str(path)
+    return text[len(prefix):] if text.startswith(prefix) else str(path.relative_to(root))
+
+
 def readable(item: Path | DatasetInput) -> Path | DatasetPart:
     """What a codec reads for a whole input: the file, or all of a dataset split's rows."""
     return item.part(0, 1) if isinstance(item, DatasetInput) else item
@@ -146,7 +154,7 @@ def read_text(path: Path | DatasetPart, root: Path, sample_by: str = "document",
         for key, text in path.cells(text_field, "--text-field"):
             yield Record(key, text, text_problem(text))
         return
-    name = str(path.relative_to(root))
+    name = relative_name(path, root)
     builder = builder_for(path)
     if builder == "text" and (opener := text_opener(path)):  # the same documents, without `datasets` (see below)
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:

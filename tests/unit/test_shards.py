@@ -31,7 +31,8 @@ def texts(out) -> dict[str, str]:
         for shard, entry in shards.chunks(split):
             tokens, offsets = shards.read_chunk(shard, entry["key"])
             meta = json.loads(shards.read(shard, entry["key"], "meta.json"))
-            found.update({m["key"]: shards.codec.decode(tokens[a:b]) for m, a, b in zip(meta["items"], offsets, offsets[1:])})
+            found.update({m["key"]: shards.codec.decode(tokens[a:b])
+                          for m, a, b in zip(meta["items"], offsets, offsets[1:])})
     return found
 
 
