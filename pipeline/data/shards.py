@@ -217,7 +217,9 @@ def prepare(out: Path, settings: dict, inputs: list[Path], num_tasks: int | None
         data = {"format": FORMAT, "settings": settings, "root": str(root),
                 "inputs": [str(p) for p in inputs], "num_tasks": num_tasks or 1, "codec": codec.config()}
         write_json_atomic(out / "plan.json", data)
-        return Plan(out, data)
+        plan = Plan(out, data)
+        plan.codec = codec  # what tasks in this process use, rather than loading it back
+        return plan
 
 
 _progress = None  # (bytes done, bytes of the started tasks' inputs), shared with pool workers for the progress bar
@@ -230,13 +232,13 @@ def _init_worker(progress):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the parallelism
 
 
-def run_task(out: Path, task: int) -> dict:
+def run_task(out: Path, task: int, plan: Plan | None = None) -> dict:
     """Shard task `task` unless its done-marker exists. Returns the done-marker's contents.
 
     Records are encoded in batches per split (the encoder's per-call cost is then negligible);
     an input that fails part-way keeps the items read before the failure and is listed with the
     reason and that count."""
-    plan = Plan.load(out)
+    plan = plan or Plan.load(out)
     marker = plan.marker(task)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -341,7 +343,7 @@ class Progress:
             self.bytes, self.last = 0, time.monotonic()
 
 
-def run_tasks(out: Path, tasks: list[int], workers: int) -> None:
+def run_tasks(plan: Plan, tasks: list[int], workers: int) -> None:
     """Run shard tasks in a process pool with a progress bar over input bytes (the total grows as
     tasks start: each measures its own inputs)."""
     ctx = get_context("spawn")  # fork after tokenizers/torch threads started can deadlock
@@ -355,11 +357,11 @@ def run_tasks(out: Path, tasks: list[int], workers: int) -> None:
     if workers <= 1:
         _init_worker(progress)
         for t in tasks:
-            run_task(out, t)
+            run_task(plan.out, t, plan)
             update()
     else:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
-            pending = {pool.submit(run_task, out, t) for t in tasks}
+            pending = {pool.submit(run_task, plan.out, t) for t in tasks}
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -467,12 +469,12 @@ def run_stage(out: Path, settings: dict, inputs: list[Path], make_codec, *, work
     if task is not None:
         if not 0 <= task < plan.num_tasks:
             raise ArpipeError(f"--task {task} is outside 0..{plan.num_tasks - 1}")
-        run_task(out, task)
+        run_task(out, task, plan)
         return None
     pending = plan.pending()
     LOG.info("shard: %d inputs, %d tasks, %d to run, %d workers -> %s",
              len(plan.data["inputs"]), plan.num_tasks, len(pending), workers, out)
-    run_tasks(out, pending, workers)
+    run_tasks(plan, pending, workers)
     manifest = finalize(out)
     for split, totals in manifest["splits"].items():
         LOG.info("shard: %s: %d items, %d tokens, %d chunks in %d shards",
