@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -151,8 +152,9 @@ def test_saved_dataset_audio_and_image_columns_go_through_the_codecs(tmp_path):
 
 
 def test_hub_layout_directory_rows_are_split_across_tasks(tmp_path):
-    """data/train-0000N-of-00002.parquet with an Image column; `<config>/<split>/` files named by
-    --hf-config; 2 workers shard one dataset's rows in 2 tasks, into the same items as 1."""
+    """data/train-0000N-of-00002.parquet with an Image column; `<config>/<split>/` parquet and
+    Arrow files named by --hf-config; 2 workers shard one dataset's rows in 2 tasks, into the same
+    items as 1."""
     rows = media_rows(40)
     (tmp_path / "hub" / "data").mkdir(parents=True)
     rows.select(range(25)).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00002.parquet"))
@@ -167,8 +169,11 @@ def test_hub_layout_directory_rows_are_split_across_tasks(tmp_path):
 
     for config in ("en", "fr"):
         (tmp_path / "configs" / config / "train").mkdir(parents=True)
-        rows.select(range(3 if config == "en" else 2)).to_parquet(
-            str(tmp_path / "configs" / config / "train" / "0000.parquet"))
+    rows.select(range(3)).to_parquet(str(tmp_path / "configs" / "en" / "train" / "0000.parquet"))
+    table = rows.select(range(2)).with_format("arrow")[:]  # Arrow files, as the Hub also holds them
+    with pa.OSFile(str(tmp_path / "configs" / "fr" / "train" / "0000.arrow"), "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
     arpipe("shard", "image", "--input", f"hf://{tmp_path / 'configs'}", "--hf-config", "fr", "--out",
            tmp_path / "fr", *options)
     assert {k for _, k in digest(tmp_path / "fr")} == {"configs/fr/train/0"}  # row 1 is the broken image
