@@ -123,11 +123,13 @@ def open_cached(repo: str, config: str | None, revision: str | None):
     ref = Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
     builds = [Path(p) for p in glob.glob(str(root / (config or "*") / "*" / commit)) if os.path.isdir(p)]
-    if len(builds) != 1:
+    if len(builds) > 1:
+        raise ArpipeError(f"--hf-revision {revision}: {repo} has several configurations cached at that revision "
+                          f"({', '.join(sorted(p.parts[-3] for p in builds))}); name one with --hf-config")
+    if not builds:
         cached = sorted({p.name for p in root.glob("*/*/*") if p.is_dir()})
-        raise ArpipeError(f"--hf-revision {revision}: {len(builds)} cached builds of {repo} at that revision"
-                          f"{'' if config else ' (name one with --hf-config)' if builds else ''}; "
-                          f"cached revisions: {', '.join(cached) or 'none'}")
+        raise ArpipeError(f"--hf-revision {revision}: no cached build of {repo}{f' ({config})' if config else ''} "
+                          f"at that revision; cached revisions: {', '.join(cached) or 'none'}")
     config_name, version = builds[0].parts[-3:-1]
     builder = Cache(dataset_name=name, repo_id=repo, config_name=config_name, version=version, hash=commit)
     return {split: builder.as_dataset(split=split) for split in builder.info.splits}
@@ -151,12 +153,12 @@ class DatasetPart:
         if column not in dataset.column_names:
             raise ArpipeError(f"{option} {column}: {self.input.name} has no such column "
                               f"(columns: {', '.join(dataset.column_names)})")
-        table = dataset.select_columns([column]).with_format("arrow")
+        table, name = dataset.select_columns([column]).with_format("arrow"), self.input.name
         start, stop = (len(dataset) * i // self.count for i in (self.index, self.index + 1))
         per_slice = max(1, min(1024, CELL_BATCH_BYTES * len(dataset) // max(1, dataset.data.nbytes)))
         for first in range(start, stop, per_slice):
-            for row, cell in enumerate(table[first : min(stop, first + per_slice)].column(column).to_pylist(), first):
-                yield f"{self.input.name}/{row}", cell
+            cells = table[first : min(stop, first + per_slice)].column(column).to_pylist()
+            yield from ((f"{name}/{row}", cell) for row, cell in enumerate(cells, first))
 
     @property
     def size(self) -> int:

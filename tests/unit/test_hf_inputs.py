@@ -113,7 +113,8 @@ def test_hub_dataset_from_the_cache_by_split_and_revision(tmp_path, hf_home, tex
 @pytest.mark.parametrize("args, message", [
     (["--input", "hf://user/tiny", "--hf-split", "validation"], "--hf-split validation: user/tiny has no such split "
                                                                 "(its splits: train, test)"),
-    (["--input", "hf://user/tiny", "--hf-revision", "c" * 40], f"--hf-revision {'c' * 40}: 0 cached builds"),
+    (["--input", "hf://user/tiny", "--hf-revision", "c" * 40],
+     f"--hf-revision {'c' * 40}: no cached build of user/tiny at that revision; cached revisions: {OLD}, {NEW}"),
     (["--input", "hf://user/absent"], "--input hf://user/absent: not in the local cache"),
     (["--input", "hf://user/tiny", "--text-field", "body"], "--text-field body: user/tiny/train has no such column "
                                                             "(columns: text)"),
