@@ -118,6 +118,25 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, text_shards):
     assert manifest["splits"]["train"]["items"] + manifest["splits"]["val"]["items"] == 5
 
 
+def test_a_file_that_fails_part_way_keeps_what_came_before(tmp_path, text_shards):
+    """A gzip stream cut short, read line by line: the lines before the cut are items, and the file
+    is listed as skipped with the reason and how many items it kept."""
+    import gzip
+
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [f"line {i}: " + "all work and no play " * 5 for i in range(30_000)]  # 3.4 MB
+    data = gzip.compress("".join(line + "\n" for line in lines).encode())
+    (src / "cut.txt.gz").write_bytes(data[: len(data) // 2])
+    arpipe("shard", "text", "--input", src, "--out", tmp_path / "o", "--tokenizer", text_shards / "tokenizer.json",
+           "--sample-by", "line", "--val-fraction", 0)
+    [skipped] = json.loads((tmp_path / "o" / "manifest.json").read_text())["skipped"]["files"]
+    kept = texts(tmp_path / "o")
+    assert skipped["input"] == "cut.txt.gz" and skipped["reason"].startswith("EOFError")
+    assert skipped["items_kept"] == len(kept) > 5000
+    assert kept == {f"cut.txt.gz:{i}": lines[i] for i in range(len(kept))}
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path, corpus, text_shards):
     out = tmp_path / "o"
     arpipe("shard", "text", "--input", corpus, "--out", out, "--tokenizer", text_shards / "tokenizer.json")
