@@ -1,9 +1,11 @@
-"""Sources: find input files and read their records through HF `datasets`.
+"""Sources: find the inputs (files, Hugging Face datasets) and read text records from them.
 
 A record has a key that is stable under re-runs and any degree of parallelism: the input's path
-relative to the common root of all inputs, and the record's index within that input. Records a
-codec must not see (empty, invalid UTF-8, binary) come out as skips with a reason, so the shard
-stage can count them instead of failing or dropping them silently.
+relative to the common root of all inputs, and the record's index within that input (for a
+dataset: NAME/SPLIT/ROW, see hf_inputs.py). Records a codec must not see (empty, too long,
+invalid UTF-8, binary) come out as skips with a reason, so the shard stage can count them instead
+of failing or dropping them silently. Everything is read in bounded pieces: a shard worker's
+memory does not grow with its inputs.
 """
 
 import bz2
