@@ -26,13 +26,22 @@ def _fraction(value: str) -> float:
     return x
 
 
+def _local(value: str) -> str:
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"{value} is a URL; object storage holds shards only (shard --out, "
+                                         f"eval --data, data.path): give a local or shared file system path")
+    return value
+
+
 def add_stage_options(p: argparse.ArgumentParser) -> None:
     """Options every `arpipe shard <modality>` shares."""
     p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+                   type=lambda value: value if value.startswith("hf://") else _local(value),
                    help="input files, directories or globs (** recurses); hf://USER/NAME for a Hugging Face "
                         "dataset in the local cache, hf://DIR for a local one in the Hub's layout; a "
                         "directory written by save_to_disk is read as a dataset")
-    p.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json, or an object "
+                   "store URL (s3://bucket/prefix; AWS_ENDPOINT_URL and credentials from the environment)")
     p.add_argument("--workers", type=_positive, default=1, help="parallel processes on this machine (default 1)")
     p.add_argument("--task", type=int, help="run only task I (a Slurm array element), then stop")
     p.add_argument("--num-tasks", type=_positive, help="number of tasks the inputs are cut into "
@@ -67,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
-    ev.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    ev.add_argument("--data", required=True, help="shard directory")
+    ev.add_argument("--model", required=True, type=_local, help="an export, a run's out_dir, or a checkpoint directory")
+    ev.add_argument("--data", required=True, help="shard directory, or its s3://bucket/prefix")
     ev.add_argument("--split", default="val")
     ev.add_argument("--batch-size", type=_positive, default=16)
     ev.add_argument("--samples", type=int, default=4, help="unconditional samples")
@@ -80,16 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--new-run", action="store_true", help="log to a new MLflow run, not the training run")
     ev.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
-    ev.add_argument("--out", help="also write the results as JSON here")
+    ev.add_argument("--out", type=_local, help="also write the results as JSON here")
 
     sample = sub.add_parser("sample", help="draw samples from an exported model")
-    sample.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
+    sample.add_argument("--model", required=True, type=_local,
+                        help="an export, a run's out_dir, or a checkpoint directory")
+    sample.add_argument("--out", type=_local, help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-k", type=int)
     sample.add_argument("--seed", type=int, default=0)
+
+    export_hf = sub.add_parser("export-hf", help="write a text GPT as a Hugging Face transformers model directory",
+                               description="Write a text GPT as a transformers GPT2LMHeadModel directory with its "
+                               "tokenizer (AutoModelForCausalLM / AutoTokenizer.from_pretrained load it): the "
+                               "end-of-document token is also the BOS the tokenizer puts first, and carries the "
+                               "model's start vector, so every probability is arpipe's.")
+    export_hf.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    export_hf.add_argument("--out", required=True, type=Path, help="directory for the transformers files")
 
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
@@ -134,16 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shard(args) -> None:
+    from pipeline.data.remote_stage import run_remote_stage
     from pipeline.data.shards import run_stage
     from pipeline.data.sources import expand_inputs
+    from pipeline.data.storage import is_url
 
     codec = codec_classes()[args.modality]
     settings = {"modality": args.modality, "val_fraction": args.val_fraction,
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
     inputs = [] if args.finalize else expand_inputs(args.input, args.hf_split, args.hf_config, args.hf_revision)
-    run_stage(args.out, settings, inputs, codec.maker(settings, args), workers=args.workers,
-              num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
+    stage, out = (run_remote_stage, args.out) if is_url(args.out) else (run_stage, Path(args.out))
+    stage(out, settings, inputs, codec.maker(settings, args), workers=args.workers,
+          num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 
 
 def run(argv: list[str]) -> None:
@@ -177,6 +198,10 @@ def run(argv: list[str]) -> None:
 
         for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "export-hf":
+        from pipeline.hf import export_hf
+
+        print(export_hf(args.model, args.out))
     elif args.command == "mlflow-server":
         from pipeline.tracking import serve
 

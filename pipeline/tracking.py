@@ -170,6 +170,16 @@ class Tracker:
                 time.sleep(0.5)
         return not self.pending
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which `key` was logged (0 if none, or MLflow cannot say)."""
+        if not self.active:
+            return 0
+        try:
+            with self.client_lock:
+                return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        except Exception:
+            return 0
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 

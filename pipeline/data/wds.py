@@ -7,7 +7,8 @@
 
 `items(urls)` is a `webdataset.WebDataset` over the tars whose samples are arpipe's items: each
 chunk sample (tokens.npy, offsets.npy, meta.json) is taken apart into its items. Any URL
-webdataset opens works, e.g. `pipe:aws s3 cp s3://bucket/shards/text/train/train-00000-000000.tar -`.
+webdataset opens works, e.g. `pipe:aws s3 cp s3://bucket/shards/text/train/train-00000-000000.tar -`
+for shards in object storage.
 arpipe's own trainer reads the same tars by random access instead (pipeline/data/stream.py),
 for exact resume.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from pipeline.data import storage
 from pipeline.data.shards import Shards
 
 
@@ -41,6 +43,7 @@ def items(urls, **options) -> wds.WebDataset:
 
 
 def shard_urls(directory: str | Path, split: str) -> list[str]:
-    """The paths of a split's tars, from the manifest of a finished `arpipe shard` run."""
+    """The paths (or URLs, for a directory in object storage) of a split's tars, from the manifest
+    of a finished `arpipe shard` run."""
     shards = Shards(directory)  # refuses manifests that point outside their directory
-    return [str(shards.dir / entry["path"]) for entry in shards.manifest["shards"] if entry["split"] == split]
+    return [storage.join(shards.dir, entry["path"]) for entry in shards.manifest["shards"] if entry["split"] == split]

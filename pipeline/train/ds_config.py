@@ -17,6 +17,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16-autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -25,7 +25,8 @@ def run(command, **kwargs):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_run_resumes_with_identical_losses(tmp_path, train_config, stage):
-    common = ["--config", train_config, f"train.zero_stage={stage}", f"train.steps={STEPS}", "train.ckpt_every=10"]
+    common = ["--config", train_config, f"train.zero_stage={stage}", f"train.steps={STEPS}", "train.ckpt_every=10",
+              "tracking.flush_every=0.1"]
     reference = tmp_path / "reference"
     run(deepspeed_command(2, *common, f"out_dir={reference}"))
     expected = [m["loss"] for m in read_metrics(reference)]
@@ -34,24 +35,34 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, train_config, stage)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(deepspeed_command(2, *common, f"out_dir={killed}"), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def sent_steps() -> list[int]:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        run_ids = [r.info.run_id for r in runs if r.info.run_id != reference_run]
+        return [m.step for m in client.get_metric_history(run_ids[0], "train/loss_nats")] if run_ids else []
+
+    reference_run = json.loads((reference / "export" / "model.json").read_text())["run_id"]
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "latest").exists() and time.time() < deadline and proc.poll() is None:
+    # kill once MLflow holds metrics of a step after the first checkpoint (10): the resumed run
+    # computes them again and must not log them twice
+    while max(sent_steps(), default=0) <= 10 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    steps_before_kill = len(read_metrics(killed))
-    assert 10 <= steps_before_kill < STEPS, "the kill must land after the first checkpoint, before the end"
+    latest = int((killed / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert max(sent_steps()) > latest >= 10, "the kill must land after metrics past a checkpoint were sent"
 
     run(deepspeed_command(2, *common, f"out_dir={killed}"))
     assert [m["loss"] for m in read_metrics(killed)] == expected  # bitwise: the same floats
 
     # one MLflow run across the kill, holding the whole loss curve
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     state = json.loads((killed / "checkpoints" / "step_00000060" / "trainer_state.json").read_text())
     run_info = client.get_run(state["run_id"])
     assert run_info.info.status == "FINISHED" and run_info.data.params["train.zero_stage"] == str(stage)
-    history = client.get_metric_history(state["run_id"], "train/loss_nats")
-    assert sorted({m.step for m in history}) == list(range(5, STEPS + 1, 5))
+    history = sorted(client.get_metric_history(state["run_id"], "train/loss_nats"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(5, STEPS + 1, 5))  # each step once, none twice
+    assert [m.value for m in history] == expected[4::5]
     assert json.loads((killed / "export" / "model.json").read_text())["run_id"] == state["run_id"]
 
 
@@ -72,6 +83,9 @@ def test_launchers_agree_and_eval_is_world_size_independent(tmp_path, train_conf
         assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     losses = {name: [m["loss"] for m in read_metrics(tmp_path / name)] for name in ("ds", "torchrun", "srun")}
     assert len(losses["ds"]) == 12 and losses["ds"] == losses["torchrun"] == losses["srun"]
+    # each rank draws its own random numbers (dropout masks, MADE's orderings), from a seeded stream
+    ranks = json.loads((tmp_path / "ds" / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())["ranks"]
+    assert ranks[0]["rng"] != ranks[1]["rng"]
 
     data = json.loads((tmp_path / "ds" / "export" / "model.json").read_text())["data"]
     one = tmp_path / "eval1.json"

@@ -1,6 +1,7 @@
 """Training survives SIGKILL anywhere, resumes on another world size, and handles non-finite losses."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -10,6 +11,8 @@ import time
 
 import pytest
 
+from pipeline.data.shards import Shards
+from pipeline.data.stream import TokenStream
 from tests.conftest import ENV, arpipe, deepspeed_command, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -101,24 +104,47 @@ tracking: {{uri: "sqlite:///{tmp_path / 'mlflow.db'}", experiment: world}}
     result = finish(deepspeed_command(after, "--config", config))
     assert f"written by {before} ranks" in result.stderr
     resumed = [m["loss"] for m in read_metrics(run)]
-    assert len(resumed) == 80 and resumed[:40] == losses[:40]
+    assert len(resumed) == 80
     # the loss goes on from where the checkpoint left it (a constant learning rate after warmup)
     before_mean, after_mean = sum(resumed[30:40]) / 10, sum(resumed[40:50]) / 10
     assert abs(after_mean - before_mean) / before_mean < 0.01, (before_mean, after_mean)
     state = json.loads((run / "checkpoints" / "step_00000080" / "trainer_state.json").read_text())
     assert state["world_size"] == after
-    done = state["ranks"][0]["data"]["done"]
-    assert done["epoch"] >= 0  # the stream continued the interrupted epoch (see stream.continue_from)
+    # the new ranks' stream continued the interrupted epoch from every old rank's position in
+    # the checkpoint it resumed from (which chunks that skips: tests/unit/test_stream.py)
+    saved = json.loads((run / "checkpoints" / "step_00000040" / "trainer_state.json").read_text())["ranks"]
+    expected = TokenStream(Shards(text_shards), "train", 32, 8, seed=0, world=after, shuffle_window=2)
+    expected.continue_from([r["data"] for r in saved])
+    assert len(saved) == before
+    assert state["ranks"][0]["data"]["done"] == expected.done and expected.done["epoch"] == 0
 
 
-def test_nonfinite_losses_skip_then_stop_with_a_usable_checkpoint(tmp_path, train_config):
-    ok = finish([sys.executable, "-m", "pipeline.train", "--config", str(train_config), "train.steps=12",
-                 "train.inject_nonfinite=[3]", f"out_dir={tmp_path / 'skip'}"])
-    assert "non-finite loss, batch skipped (1 in a row" in ok.stderr
-    assert len(read_metrics(tmp_path / "skip")) == 12
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, train_config):
+    """Rank 1 alone sees a NaN loss at its 3rd batch: both ranks drop that step's update (a rank
+    that applied it would average in NaN gradients and train on NaN weights) and redo the step on
+    the next batches, with the learning-rate schedule where it was."""
+    common = ["--config", train_config, "train.steps=12", "train.zero_stage=2"]
+    reference = tmp_path / "reference"
+    finish(deepspeed_command(2, *common, f"out_dir={reference}"))
+    skip = tmp_path / "skip"
+    ok = finish(deepspeed_command(2, *common, "train.inject_nonfinite=[[1,3]]", f"out_dir={skip}"))
+    assert "step 3: non-finite loss, step skipped on every rank (1 in a row" in ok.stderr
+    # not a terminal: rank 0 alone writes a line per log_every (5) steps and at the end
+    lines = [line for line in ok.stderr.splitlines() if "step 5/12: loss" in line or "step 12/12: loss" in line]
+    assert len(lines) == 2 and "[arpipe rank 0]" in lines[0] and " nats (" in lines[0] and "ETA" in lines[0], lines
+    expected, got = read_metrics(reference), read_metrics(skip)
+    assert len(got) == 12 and all(math.isfinite(m["loss"]) for m in got)
+    assert [m["loss"] for m in got[:2]] == [m["loss"] for m in expected[:2]]
+    assert got[2]["loss"] != expected[2]["loss"]  # step 3 was trained on the next batches
+    assert [m["lr"] for m in got] == [m["lr"] for m in expected]  # the schedule did not move on
+    state = json.loads((skip / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())
+    assert [r["data"]["consumed"] for r in state["ranks"]] == [13, 13]  # one step's batches dropped on both
+
+
+def test_nonfinite_losses_in_a_row_stop_with_a_usable_checkpoint(tmp_path, train_config):
     bad = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(train_config), "train.steps=30",
-                          "train.max_nonfinite=3", "train.inject_nonfinite=[13,14,15]", f"out_dir={tmp_path / 'stop'}"],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+                          "train.max_nonfinite=3", "train.inject_nonfinite=[[0,13],[0,14],[0,15]]",
+                          f"out_dir={tmp_path / 'stop'}"], env=ENV, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "stopping: 3 non-finite losses in a row at step 13" in bad.stderr
     assert "step_00000010" in bad.stderr
