@@ -20,6 +20,7 @@ mtime, owner and order), so a resumed run's shards equal a clean run's.
 """
 
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -173,7 +174,9 @@ class Plan:
 
     @classmethod
     def load(cls, out: Path) -> "Plan":
-        return cls(out, json.loads((out / "plan.json").read_text()))
+        """OUT's plan, read once per process: a pool worker's tasks share it and its codec (a plan
+        lists every input file, and a folder of images has hundreds of thousands)."""
+        return _load_plan(str(out), os.stat(out / "plan.json").st_mtime_ns)
 
     root = property(lambda self: Path(self.data["root"]))
     num_tasks = property(lambda self: self.data["num_tasks"])
@@ -193,6 +196,11 @@ class Plan:
 
     def pending(self) -> list[int]:
         return [t for t in range(self.num_tasks) if not self.marker(t).exists()]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_plan(out: str, mtime_ns: int) -> Plan:  # plan.json is written once, by an atomic rename
+    return Plan(Path(out), json.loads((Path(out) / "plan.json").read_text()))
 
 
 def prepare(out: Path, settings: dict, inputs: list[Path], num_tasks: int | None,

@@ -119,10 +119,13 @@ def require_regular_file(path: Path) -> int:
 
 def common_root(inputs: list) -> Path:
     """The directory input files' keys are relative to (the current one without files)."""
-    files = [f for f in inputs if isinstance(f, Path)]
     if not inputs:
         raise ArpipeError("no input files")
-    return Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path.cwd()
+    files = [str(f) for f in inputs if isinstance(f, Path)]
+    if not files:
+        return Path.cwd()
+    # what all files share, the first and the last in sorted order share: no need to split them all
+    return Path(os.path.commonpath([os.path.dirname(min(files)), os.path.dirname(max(files))]))
 
 
 def relative_name(path: Path, root: Path) -> str:
