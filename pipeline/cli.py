@@ -152,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shard(args) -> None:
-    from pipeline.data.remote_stage import run_remote_stage
     from pipeline.data.shards import run_stage
     from pipeline.data.sources import expand_inputs
     from pipeline.data.storage import is_url
@@ -162,7 +161,11 @@ def shard(args) -> None:
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
     inputs = [] if args.finalize else expand_inputs(args.input, args.hf_split, args.hf_config, args.hf_revision)
-    stage, out = (run_remote_stage, args.out) if is_url(args.out) else (run_stage, Path(args.out))
+    stage, out = run_stage, Path(args.out)
+    if is_url(args.out):
+        from pipeline.data.remote_stage import run_remote_stage  # imports fsspec and s3fs: only for s3://
+
+        stage, out = run_remote_stage, args.out
     stage(out, settings, inputs, codec.maker(settings, args), workers=args.workers,
           num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 

@@ -114,21 +114,22 @@ class ImageCodec(Codec):
         return self.sequence_length(0) // 2  # the top half in raster order, the first half of any ordering
 
     # --- records and tokens
-    def read_records(self, path: Path, root: Path, settings: dict):
+    def read_records(self, path: Path | DatasetPart, root: Path, settings: dict):
         """One record per image: its pixels scaled and cropped to the codec's size right away (a
-        batch of records then holds small images, whatever the sources' size), and its source
-        size as meta."""
-        for record in read_images(path, root, settings["image_field"], settings["array_key"]):
-            if record.skip:
-                yield record
-            else:
-                size = list(source_shape(record.value)[:2])
-                yield Record(record.key, self.pixels(record.value), meta={"size": size})
+        batch of records then holds small images, whatever the sources' size), its item meta
+        (key and source size) ready."""
+        return map(self.fitted, read_images(path, root, settings["image_field"], settings["array_key"]))
+
+    def fitted(self, record: Record) -> Record:
+        if record.skip:
+            return record
+        # "size" is the source image's [height, width], before scaling and cropping
+        size = list(source_shape(record.value)[:2])
+        return Record(record.key, self.pixels(record.value), meta={"key": record.key, "size": size})
 
     def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
-        # "size" is the source image's [height, width], before scaling and cropping
         rows = self.tokens(np.stack([r.value for r in records])) if records else []
-        return [(row, {"key": r.key, **r.meta}) for r, row in zip(records, rows)]
+        return [(row, r.meta) for r, row in zip(records, rows)]
 
     def pixels(self, value) -> np.ndarray:
         """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""
@@ -212,19 +213,17 @@ def parse_size(value: str) -> list[int]:
 
 # --- readers: one Record per image; a file that cannot be read raises (shards.run_task records it)
 def read_images(path: Path | DatasetPart, root: Path, image_field: str = "image", array_key: str | None = None):
+    """The records of one input, one per image: a list for an image file (the common case, kept
+    cheap), else an iterator."""
     if isinstance(path, DatasetPart):
-        for key, cell in path.cells(image_field, "--image-field"):
-            yield cell_image(key, cell, path.resolve)
-        return
+        return (cell_image(key, cell, path.resolve) for key, cell in path.cells(image_field, "--image-field"))
     name = relative_name(path, root)
     suffix = path.suffix.lower()
     if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
-        for index, image in enumerate(array_images(path, array_key)):
-            yield Record(f"{name}:{index}", image)
-    elif suffix == ".parquet":
-        yield from read_parquet(path, name, image_field)
-    else:
-        yield Record(f"{name}:0", decode_image(path))
+        return (Record(f"{name}:{index}", image) for index, image in enumerate(array_images(path, array_key)))
+    if suffix == ".parquet":
+        return read_parquet(path, name, image_field)
+    return [Record(f"{name}:0", decode_image(path))]
 
 
 def decode_image(source):
