@@ -45,8 +45,9 @@ class Codec:
     def config(self) -> dict:
         raise NotImplementedError
 
-    def read_records(self, path: Path, root: Path, settings: dict):
-        """The records of one input file (see pipeline.data.sources.Record)."""
+    def read_records(self, path, root: Path, settings: dict):
+        """The records of one input (see pipeline.data.sources.Record): a file, as a path string,
+        or a DatasetPart (pipeline/data/hf_inputs.py)."""
         raise NotImplementedError
 
     def encode_records(self, records: list) -> list[tuple[np.ndarray, dict]]:

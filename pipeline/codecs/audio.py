@@ -8,6 +8,7 @@ everything above the new Nyquist frequency back into the band as aliases.
 """
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -148,7 +149,7 @@ class AudioCodec(Codec):
         return {"modality": self.modality, "vocab_size": self.vocab_size,
                 "sample_rate": self.sample_rate, "mu": self.mu}
 
-    def read_records(self, path: Path | DatasetPart, root: Path, settings: dict):
+    def read_records(self, path: str | DatasetPart, root: Path, settings: dict):
         """One record per clip, keyed path:index (counting clips across a parquet file's rows;
         a dataset row's clips are ROW_KEY:index), its value the clip's μ-law tokens. Clips come
         out as the file is decoded. A file that cannot be decoded raises (the shard task skips
@@ -160,15 +161,15 @@ class AudioCodec(Codec):
             for key, cell in path.cells(field, "--audio-field"):
                 yield from self._cell_clips(key, 0, cell, path.resolve, clip_len)
             return
-        if path.name in AUDIOFOLDER_METADATA:
+        if os.path.basename(path) in AUDIOFOLDER_METADATA:
             return
         name = relative_name(path, root)
-        if path.suffix.lower() != ".parquet":
+        if not path.lower().endswith(".parquet"):
             yield from self._clips(name, 0, decode_blocks(path, self.sample_rate), clip_len)
             return
         index = 0
         for cell in read_audio_column(path, field):
-            for record in self._cell_clips(name, index, cell, lambda p: path.parent / p, clip_len):
+            for record in self._cell_clips(name, index, cell, lambda p: os.path.join(os.path.dirname(path), p), clip_len):
                 yield record
                 index += 1
 
@@ -245,11 +246,11 @@ class AudioCodec(Codec):
         return paths
 
 
-def read_audio_column(path: Path, field: str):
+def read_audio_column(path: str, field: str):
     """The `field` column of a parquet file as HF Audio dicts {bytes, path}, undecoded: we decode
     with soundfile ourselves, so `datasets` needs no audio backend."""
     datasets = import_datasets()
-    rows = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
+    rows = datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True)
     if rows.features is not None and field not in rows.features:
         raise ValueError(f"no {field!r} column (columns: {sorted(rows.features)})")
     for row in rows.cast_column(field, datasets.Audio(decode=False)):

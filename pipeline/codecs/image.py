@@ -85,7 +85,7 @@ class ImageCodec(Codec):
 
     @classmethod
     def maker(cls, settings: dict, args):
-        def make(inputs: list[Path], root: Path, out: Path) -> "ImageCodec":
+        def make(inputs: list, root: Path, out: Path) -> "ImageCodec":
             size, channels = settings["size"], settings["channels"]
             if size is None or channels is None:  # take what is missing from the first readable image
                 h, w, c = first_image_shape(inputs, root, settings)
@@ -114,7 +114,7 @@ class ImageCodec(Codec):
         return self.sequence_length(0) // 2  # the top half in raster order, the first half of any ordering
 
     # --- records and tokens
-    def read_records(self, path: Path | DatasetPart, root: Path, settings: dict):
+    def read_records(self, path: str | DatasetPart, root: Path, settings: dict):
         """One record per image: its pixels scaled and cropped to the codec's size right away (a
         batch of records then holds small images, whatever the sources' size), its item meta
         (key and source size) ready."""
@@ -212,16 +212,16 @@ def parse_size(value: str) -> list[int]:
 
 
 # --- readers: one Record per image; a file that cannot be read raises (shards.run_task records it)
-def read_images(path: Path | DatasetPart, root: Path, image_field: str = "image", array_key: str | None = None):
+def read_images(path: str | DatasetPart, root: Path, image_field: str = "image", array_key: str | None = None):
     """The records of one input, one per image: a list for an image file (the common case, kept
     cheap), else an iterator."""
     if isinstance(path, DatasetPart):
         return (cell_image(key, cell, path.resolve) for key, cell in path.cells(image_field, "--image-field"))
     name = relative_name(path, root)
-    suffix = path.suffix.lower()
-    if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
+    lower = path.lower()
+    if lower.endswith(ARRAY_SUFFIXES) or IDX.search(lower):
         return (Record(f"{name}:{index}", image) for index, image in enumerate(array_images(path, array_key)))
-    if suffix == ".parquet":
+    if lower.endswith(".parquet"):
         return read_parquet(path, name, image_field)
     return [Record(f"{name}:0", decode_image(path))]
 
@@ -244,17 +244,17 @@ def cell_image(key: str, cell: dict | None, resolve) -> Record:
         return Record(key, skip="undecodable image")
 
 
-def read_parquet(path: Path, name: str, field: str):
+def read_parquet(path: str, name: str, field: str):
     datasets = import_datasets()
-    rows = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
+    rows = datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True)
     if rows.features is not None and field not in rows.features:
         raise ValueError(f"no {field!r} column (columns: {sorted(rows.features)})")
     rows = rows.cast_column(field, datasets.Image(decode=False))  # we decode, so a bad row is one skip
     for index, row in enumerate(rows):
-        yield cell_image(f"{name}:{index}", row[field], lambda p: path.parent / p)
+        yield cell_image(f"{name}:{index}", row[field], lambda p: os.path.join(os.path.dirname(path), p))
 
 
-def array_images(path: Path, key: str | None = None):
+def array_images(path: str | Path, key: str | None = None):
     """The uint8 images (H, W[, C]) of an .npy / .npz / IDX file, read BLOCK_BYTES at a time:
     an IDX file may be gzipped and a .npz member deflated, so a small file can inflate to
     gigabytes. Images above Pillow's decompression-bomb limit are refused as Pillow refuses them."""
@@ -276,9 +276,9 @@ def array_images(path: Path, key: str | None = None):
             yield from uint8_images(np.frombuffer(data, dtype).reshape(count, *shape[1:]))
 
 
-def open_array(path: Path, key: str | None, stack: contextlib.ExitStack):
+def open_array(path: str | Path, key: str | None, stack: contextlib.ExitStack):
     """(stream at the first value, dtype, shape) of an .npy, a .npz member or an IDX file."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix == ".npz":
         archive = stack.enter_context(zipfile.ZipFile(path))
         headers = {}
@@ -353,11 +353,11 @@ def source_shape(value) -> tuple[int, int, int]:
     return value.height, value.width, 1 if value.mode in GREY_MODES else 3
 
 
-def first_image_shape(inputs: list[Path], root: Path, settings: dict) -> tuple[int, int, int]:
+def first_image_shape(inputs: list, root: Path, settings: dict) -> tuple[int, int, int]:
     """(height, width, channels) of the first readable image, for --size/--channels defaults."""
     for item in inputs:
         try:
-            if isinstance(item, Path):
+            if isinstance(item, str):
                 require_regular_file(item)  # a FIFO would block
             for record in read_images(readable(item), root, settings["image_field"], settings["array_key"]):
                 if record.skip is None:

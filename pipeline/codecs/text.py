@@ -168,7 +168,7 @@ class TextCodec(Codec):
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=dtype) for e in encodings]
 
-    def read_records(self, path: Path, root: Path, settings: dict):
+    def read_records(self, path, root: Path, settings: dict):
         return read_text(path, root, settings["sample_by"], settings["text_field"])
 
     def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
@@ -204,7 +204,7 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
     """For `prepare`: load the given tokenizer, or train one on the training split's documents
     (up to `train_bytes` of text, from inputs in a seeded random order so it sees the corpus
     evenly), and save it as OUT/tokenizer.json."""
-    def make(inputs: list[Path], root: Path, out: Path) -> TextCodec:
+    def make(inputs: list, root: Path, out: Path) -> TextCodec:
         if tokenizer:
             codec = TextCodec.load(tokenizer, settings["eos_token"])
         else:
@@ -212,7 +212,7 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
                 seen = 0
                 for i in np.random.default_rng(0).permutation(len(inputs)):
                     try:
-                        if isinstance(inputs[i], Path):
+                        if isinstance(inputs[i], str):
                             require_regular_file(inputs[i])  # a FIFO would block
                         for r in read_text(readable(inputs[i]), root, settings["sample_by"], settings["text_field"]):
                             if r.skip is None and split_of(r.key, settings["val_fraction"]) == "train":

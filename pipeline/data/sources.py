@@ -53,10 +53,11 @@ def split_of(key: str, val_fraction: float, blake2b=hashlib.blake2b) -> str:
 
 
 def expand_inputs(patterns: list[str], hf_splits=("train",), hf_config: str | None = None,
-                  hf_revision: str | None = None) -> list[Path | DatasetInput]:
-    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted; then
-    the Hugging Face datasets named by `hf://…` or by a directory `save_to_disk` wrote, one input
-    per split (see hf_inputs.py).
+                  hf_revision: str | None = None) -> list[str | DatasetInput]:
+    """Files named by paths, directories (recursively) and globs (`**` allowed), as sorted
+    absolute path strings; then the Hugging Face datasets named by `hf://…` or by a directory
+    `save_to_disk` wrote, one input per split (see hf_inputs.py). File inputs stay strings through
+    the shard stage: making a Path costs microseconds, as much as a small image's other overhead.
 
     A file reached through several symlinked paths is listed once. Directory loops made of
     symlinks are walked once. Broken symlinks, symlink loops and special files (FIFOs, sockets)
@@ -97,7 +98,7 @@ def expand_inputs(patterns: list[str], hf_splits=("train",), hf_config: str | No
                                 add(entry.path, None if entry.is_symlink() else os.path.join(real, entry.name))
                 except PermissionError:  # listed, so that the shard task reports it as skipped
                     add(directory)
-    return [Path(p) for p in sorted(found.values())] + splits
+    return sorted(found.values()) + splits
 
 
 def is_directory(entry: os.DirEntry) -> bool:
@@ -108,7 +109,7 @@ def is_directory(entry: os.DirEntry) -> bool:
         return False
 
 
-def require_regular_file(path: Path) -> int:
+def require_regular_file(path: str) -> int:
     """The size of `path`; raises (with a reason for the manifest) unless it is a regular file:
     reading a FIFO would block forever. An unreadable file raises PermissionError when read."""
     info = os.stat(path)  # OSError for broken symlinks, symlink loops
@@ -121,33 +122,32 @@ def common_root(inputs: list) -> Path:
     """The directory input files' keys are relative to (the current one without files)."""
     if not inputs:
         raise ArpipeError("no input files")
-    files = [str(f) for f in inputs if isinstance(f, Path)]
+    files = [f for f in inputs if isinstance(f, str)]
     if not files:
         return Path.cwd()
     # what all files share, the first and the last in sorted order share: no need to split them all
     return Path(os.path.commonpath([os.path.dirname(min(files)), os.path.dirname(max(files))]))
 
 
-def relative_name(path: Path, root: Path) -> str:
-    """`str(path.relative_to(root))` for a path under root, without its cost (once per image)."""
+def relative_name(path: str, root: Path) -> str:
+    """An input file's name relative to the common root of all inputs."""
     prefix = str(root).rstrip("/") + "/"
-    text = str(path)
-    return text[len(prefix):] if text.startswith(prefix) else str(path.relative_to(root))
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
-def readable(item: Path | DatasetInput) -> Path | DatasetPart:
+def readable(item: str | DatasetInput) -> str | DatasetPart:
     """What a codec reads for a whole input: the file, or all of a dataset split's rows."""
     return item.part(0, 1) if isinstance(item, DatasetInput) else item
 
 
-def builder_for(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
+def builder_for(path: str) -> str:
+    suffixes = ["." + s for s in os.path.basename(path).lower().lstrip(".").split(".")[1:]]
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
         suffixes = suffixes[:-1]
     return TABULAR_BUILDERS.get(suffixes[-1] if suffixes else "", "text")
 
 
-def read_text(path: Path | DatasetPart, root: Path, sample_by: str = "document",
+def read_text(path: str | DatasetPart, root: Path, sample_by: str = "document",
               text_field: str = "text") -> Iterator[Record]:
     """Documents of one input. Plain text (also gzip, bzip2 or xz compressed) is cut by
     `sample_by`; tabular rows and dataset rows are documents.
@@ -172,7 +172,7 @@ def read_text(path: Path | DatasetPart, root: Path, sample_by: str = "document",
     # streaming: read the file where it lies, no Arrow cache copy of the corpus.
     # "replace" turns undecodable bytes into U+FFFD, which text_problem reports per document.
     options = {"sample_by": sample_by, "encoding_errors": "replace"} if builder == "text" else {}
-    rows = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **options)
+    rows = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
     for index, row in enumerate(rows):
         key = f"{name}:{index}"
         if builder == "text":
@@ -184,18 +184,19 @@ def read_text(path: Path | DatasetPart, root: Path, sample_by: str = "document",
         yield Record(key, text, text_problem(text))
 
 
-def text_opener(path: Path):
+def text_opener(path: str):
     """How arpipe reads a text file itself: `open` for a plain file, the decompressor's own
     `open` for one gzip, bzip2 or xz stream (by magic number); None for archives (zip, tar, …)
     and other packings, which `datasets` unpacks."""
     with open(path, "rb") as f:
         magic = f.read(8)
-    if path.name.lower().endswith(ARCHIVES):
+    name = os.path.basename(path).lower()
+    if name.endswith(ARCHIVES):
         return None
     for prefix, opener in COMPRESSED_TEXT.items():
         if magic.startswith(prefix):
             return opener
-    if path.suffix.lower() in PACKED_SUFFIXES or magic.startswith(PACKED_MAGIC):
+    if os.path.splitext(name)[1] in PACKED_SUFFIXES or magic.startswith(PACKED_MAGIC):
         return None
     return open
 
