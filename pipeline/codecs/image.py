@@ -143,7 +143,9 @@ class ImageCodec(Codec):
         image = value if value.mode == mode else value.convert(mode)
         if image.size != (self.width, self.height):
             image = ImageOps.fit(image, (self.width, self.height), method=Image.Resampling.LANCZOS)
-        return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, self.channels)
+        # L and RGB are one byte per sub-pixel: the raw bytes are the array (np.asarray's detour
+        # through __array_interface__ costs as much again for a small image)
+        return np.frombuffer(image.tobytes(), np.uint8).reshape(self.height, self.width, self.channels)
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, C) uint8 -> the quantised sub-pixels in the ordering; a stack of images (n, H,

@@ -186,11 +186,13 @@ class Plan:
     def codec(self) -> Codec:
         return load_codec(self.data["codec"], self.out)
 
+    files = cached_property(lambda self: [p for p in self.data["inputs"] if not p.startswith(PREFIX)])
+    datasets = cached_property(lambda self: [DatasetInput.parse(p) for p in self.data["inputs"]
+                                             if p.startswith(PREFIX)])
+
     def task_inputs(self, task: int) -> list[str | DatasetPart]:
         """Files i, i+N, … of task i of N, then its 1/N of every dataset split's rows."""
-        files = [p for p in self.data["inputs"] if not p.startswith(PREFIX)]
-        splits = [DatasetInput.parse(p) for p in self.data["inputs"] if p.startswith(PREFIX)]
-        return files[task :: self.num_tasks] + [d.part(task, self.num_tasks) for d in splits]
+        return self.files[task :: self.num_tasks] + [d.part(task, self.num_tasks) for d in self.datasets]
 
     def marker(self, task: int) -> Path:
         return self.out / "_tasks" / f"task-{task:05d}.json"
