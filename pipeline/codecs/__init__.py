@@ -46,8 +46,9 @@ class Codec:
     def config(self) -> dict:
         raise NotImplementedError
 
-    def read_records(self, path: Path, root: Path, settings: dict):
-        """The records of one input file (see pipeline.data.sources.Record)."""
+    def read_records(self, path, root: Path, settings: dict):
+        """The records of one input (see pipeline.data.sources.Record): a file, as a path string,
+        or a DatasetPart (pipeline/data/hf_inputs.py)."""
         raise NotImplementedError
 
     def encode_records(self, records: list) -> list[tuple[np.ndarray, dict]]:
@@ -81,6 +82,15 @@ class Codec:
         raise ArpipeError(f"vocabulary of {self.vocab_size} tokens is too large")
 
 
+def codec_file(root: Path, name: str) -> Path:
+    """`root / name` for a file a codec's config names (e.g. its tokenizer). Like shard paths, it
+    must lie inside the manifest's or export's own directory: absolute names and `..` are refused."""
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise ArpipeError(f"refusing codec file {name!r} (absolute or '..'): codec files must lie in {root}")
+    return root / path
+
+
 def codec_classes() -> dict[str, type[Codec]]:
     """Every modality, by name."""
     from pipeline.codecs.audio import AudioCodec
@@ -98,7 +108,7 @@ def codec_files(config, root: Path) -> list[str]:
         return [f for value in config.values() for f in codec_files(value, root)]
     if isinstance(config, list):
         return [f for value in config for f in codec_files(value, root)]
-    return [config] if isinstance(config, str) and (Path(root) / config).is_file() else []
+    return [config] if isinstance(config, str) and codec_file(Path(root), config).is_file() else []
 
 
 def load_codec(config: dict, root: str | Path) -> Codec:

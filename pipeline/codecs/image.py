@@ -16,23 +16,29 @@ ImageOps.fit), and 0–255 is quantised to levels L by floor(v·L/256) (L = 2 bi
 Samples go back with level·255/(L−1), so L = 256 round-trips exactly.
 """
 
+import contextlib
 import gzip
 import io
+import math
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps  # at import: a function-level import would cost every image
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec
 from pipeline.codecs.ordering import ORDERINGS, inverse, permutation
-from pipeline.data.sources import Record
+from pipeline.data.hf_inputs import DatasetPart, import_datasets
+from pipeline.data.sources import Record, readable, relative_name, require_regular_file
 
 ARRAY_SUFFIXES = (".npz", ".npy")
 IDX = re.compile(r"idx\d-ubyte(\.gz)?$|\.idx(\.gz)?$")
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+BLOCK_BYTES = 8 << 20  # array files are read this much at a time
 
 
 class ImageCodec(Codec):
@@ -79,7 +85,7 @@ class ImageCodec(Codec):
 
     @classmethod
     def maker(cls, settings: dict, args):
-        def make(inputs: list[Path], root: Path, out: Path) -> "ImageCodec":
+        def make(inputs: list, root: Path, out: Path) -> "ImageCodec":
             size, channels = settings["size"], settings["channels"]
             if size is None or channels is None:  # take what is missing from the first readable image
                 h, w, c = first_image_shape(inputs, root, settings)
@@ -108,29 +114,45 @@ class ImageCodec(Codec):
         return self.sequence_length(0) // 2  # the top half in raster order, the first half of any ordering
 
     # --- records and tokens
-    def read_records(self, path: Path, root: Path, settings: dict):
-        return read_images(path, root, settings["image_field"], settings["array_key"])
+    def read_records(self, path: str | DatasetPart, root: Path, settings: dict):
+        """One record per image: its pixels scaled and cropped to the codec's size right away (a
+        batch of records then holds small images, whatever the sources' size), its item meta
+        (key and source size) ready."""
+        return map(self.fitted, read_images(path, root, settings["image_field"], settings["array_key"]))
+
+    def fitted(self, record: Record) -> Record:
+        if record.skip:
+            return record
+        # "size" is the source image's [height, width], before scaling and cropping
+        size = list(source_shape(record.value)[:2])
+        return Record(record.key, self.pixels(record.value), meta={"key": record.key, "size": size})
 
     def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
-        # "size" is the source image's [height, width], before scaling and cropping
-        return [(self.tokens(self.pixels(r.value)), {"key": r.key, "size": list(source_shape(r.value)[:2])})
-                for r in records]
+        rows = self.tokens(np.stack([r.value for r in records])) if records else []
+        return [(row, r.meta) for r, row in zip(records, rows)]
 
     def pixels(self, value) -> np.ndarray:
         """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""
-        from PIL import Image, ImageOps
-
         if isinstance(value, np.ndarray):
+            grey = value.ndim == 2 or value.shape[2] == 1
+            if value.shape[:2] == (self.height, self.width) and (grey if self.channels == 1 else value.ndim == 3
+                                                                   and value.shape[2] == 3):
+                return value.reshape(self.height, self.width, self.channels)  # what Pillow would return
             value = Image.fromarray(value[..., 0] if value.ndim == 3 and value.shape[2] == 1 else value)
-        image = value.convert("L" if self.channels == 1 else "RGB")
+        mode = "L" if self.channels == 1 else "RGB"
+        image = value if value.mode == mode else value.convert(mode)
         if image.size != (self.width, self.height):
             image = ImageOps.fit(image, (self.width, self.height), method=Image.Resampling.LANCZOS)
-        return np.asarray(image, dtype=np.uint8).reshape(self.height, self.width, self.channels)
+        # L and RGB are one byte per sub-pixel: the raw bytes are the array (np.asarray's detour
+        # through __array_interface__ costs as much again for a small image)
+        return np.frombuffer(image.tobytes(), np.uint8).reshape(self.height, self.width, self.channels)
 
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
-        """(H, W, C) uint8 -> the quantised sub-pixels in the ordering."""
+        """(H, W, C) uint8 -> the quantised sub-pixels in the ordering; a stack of images (n, H,
+        W, C) -> one row each."""
         levels = (pixels.astype(np.uint16) * self.levels) >> 8
-        return levels.reshape(-1)[self.perm].astype(self.token_dtype)
+        flat = levels.reshape(*pixels.shape[:-3], -1)
+        return flat[..., self.perm].astype(self.token_dtype)
 
     def to_pixels(self, rows: np.ndarray) -> np.ndarray:
         """Token rows (n, D) in the ordering -> uint8 images (n, H, W, C), de-quantised."""
@@ -146,8 +168,6 @@ class ImageCodec(Codec):
         tinting the image itself. `given`, a (D,) bool over the rows' positions, is for a model
         with its own ordering (MADE), whose given variables may lie anywhere: each completion is
         then followed by a map of exactly those sub-pixels (full intensity: given; black: sampled)."""
-        from PIL import Image
-
         images = self.to_pixels(rows)
         pair = 1
         if given is not None:
@@ -194,81 +214,129 @@ def parse_size(value: str) -> list[int]:
 
 
 # --- readers: one Record per image; a file that cannot be read raises (shards.run_task records it)
-def read_images(path: Path, root: Path, image_field: str = "image", array_key: str | None = None):
-    name = str(path.relative_to(root))
-    suffix = path.suffix.lower()
-    if suffix in ARRAY_SUFFIXES or IDX.search(path.name.lower()):
-        for index, image in enumerate(image_rows(load_array(path, array_key))):
-            yield Record(f"{name}:{index}", image)
-    elif suffix == ".parquet":
-        yield from read_parquet(path, name, image_field)
-    else:
-        yield Record(f"{name}:0", decode_image(path.read_bytes()))
+def read_images(path: str | DatasetPart, root: Path, image_field: str = "image", array_key: str | None = None):
+    """The records of one input, one per image: a list for an image file (the common case, kept
+    cheap), else an iterator."""
+    if isinstance(path, DatasetPart):
+        return (cell_image(key, cell, path.resolve) for key, cell in path.cells(image_field, "--image-field"))
+    name = relative_name(path, root)
+    lower = path.lower()
+    if lower.endswith(ARRAY_SUFFIXES) or IDX.search(lower):
+        return (Record(f"{name}:{index}", image) for index, image in enumerate(array_images(path, array_key)))
+    if lower.endswith(".parquet"):
+        return read_parquet(path, name, image_field)
+    return [Record(f"{name}:0", decode_image(path))]
 
 
-def decode_image(data: bytes):
-    """A fully decoded Pillow image (truncated or corrupt data raise here, not later)."""
-    from PIL import Image, ImageOps
-
-    image = Image.open(io.BytesIO(data))
+def decode_image(source):
+    """A fully decoded Pillow image from a path or bytes (truncated or corrupt data raise here,
+    not later; so do images above Pillow's decompression-bomb limit)."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()
-    return ImageOps.exif_transpose(image)  # camera JPEGs: the orientation the viewer shows
+    if "exif" in image.info or image.format == "TIFF":  # where an orientation tag can be
+        image = ImageOps.exif_transpose(image)  # camera JPEGs: the orientation the viewer shows
+    return image
 
 
-def read_parquet(path: Path, name: str, field: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # arpipe never downloads (see sources.read_text)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
+def cell_image(key: str, cell: dict | None, resolve) -> Record:
+    """The record of an HF Image cell ({bytes, path}): one that cannot be decoded is a skip."""
+    try:
+        return Record(key, decode_image(cell["bytes"] if cell["bytes"] is not None else resolve(cell["path"])))
+    except Exception:  # Pillow raises several types for bad data; a cell may be None or lack both
+        return Record(key, skip="undecodable image")
 
-    datasets.disable_progress_bars()
-    rows = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
+
+def read_parquet(path: str, name: str, field: str):
+    datasets = import_datasets()
+    rows = datasets.load_dataset("parquet", data_files=[path], split="train", streaming=True)
     if rows.features is not None and field not in rows.features:
         raise ValueError(f"no {field!r} column (columns: {sorted(rows.features)})")
     rows = rows.cast_column(field, datasets.Image(decode=False))  # we decode, so a bad row is one skip
     for index, row in enumerate(rows):
-        key, cell = f"{name}:{index}", row[field]
-        try:
-            data = cell["bytes"] if cell["bytes"] is not None else (path.parent / cell["path"]).read_bytes()
-            yield Record(key, decode_image(data))
-        except Exception:  # Pillow raises several types for bad data
-            yield Record(key, skip="undecodable image")
+        yield cell_image(f"{name}:{index}", row[field], lambda p: os.path.join(os.path.dirname(path), p))
 
 
-def load_array(path: Path, key: str | None) -> np.ndarray:
-    """The image array of an .npz / .npy / IDX file."""
-    if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            if key is None:
-                candidates = [k for k in archive.files if archive[k].ndim in (3, 4)]
-                if len(candidates) != 1:
-                    raise ValueError(f"pass --array-key: {len(candidates)} 3-D/4-D arrays among {archive.files}")
-                key = candidates[0]
-            if key not in archive.files:
-                raise ValueError(f"no array {key!r} (arrays: {archive.files})")
-            return archive[key]
-    return read_idx(path)
+def array_images(path: str | Path, key: str | None = None):
+    """The uint8 images (H, W[, C]) of an .npy / .npz / IDX file, read BLOCK_BYTES at a time:
+    an IDX file may be gzipped and a .npz member deflated, so a small file can inflate to
+    gigabytes. Images above Pillow's decompression-bomb limit are refused as Pillow refuses them."""
+    with contextlib.ExitStack() as stack:
+        f, dtype, shape = open_array(path, key, stack)
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3, 4)):
+            raise ValueError(f"expected images (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got shape {shape}")
+        if shape[1] * shape[2] > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"images of {shape[1]}x{shape[2]} pixels exceed the decompression-bomb limit "
+                             f"of {2 * Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS × 2)")
+        image_bytes = dtype.itemsize * math.prod(shape[1:])
+        per_block = max(1, BLOCK_BYTES // max(1, image_bytes))
+        for start in range(0, shape[0], per_block):
+            count = min(per_block, shape[0] - start)
+            data = f.read(count * image_bytes)
+            if len(data) < count * image_bytes:
+                raise ValueError(f"the data ends after {start + len(data) // image_bytes} images; "
+                                 f"the header says {shape[0]}")
+            yield from uint8_images(np.frombuffer(data, dtype).reshape(count, *shape[1:]))
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """The IDX format of (Fashion-)MNIST: 2 zero bytes, a dtype code, ndim, big-endian int32 dims, data."""
-    data = (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb").read()
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+def open_array(path: str | Path, key: str | None, stack: contextlib.ExitStack):
+    """(stream at the first value, dtype, shape) of an .npy, a .npz member or an IDX file."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".npz":
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        headers = {}
+        for member in archive.namelist():
+            if member.endswith(".npy"):
+                with archive.open(member) as f:
+                    headers[member[:-4]] = npy_header(f)
+        if key is None:
+            candidates = [k for k, (_, shape) in headers.items() if len(shape) in (3, 4)]
+            if len(candidates) != 1:
+                raise ValueError(f"pass --array-key: {len(candidates)} 3-D/4-D arrays among {sorted(headers)}")
+            key = candidates[0]
+        if key not in headers:
+            raise ValueError(f"no array {key!r} (arrays: {sorted(headers)})")
+        f = stack.enter_context(archive.open(key + ".npy"))
+        return (f, *npy_header(f))
+    if suffix == ".npy":
+        f = stack.enter_context(open(path, "rb"))
+        return (f, *npy_header(f))
+    f = stack.enter_context((gzip.open if suffix == ".gz" else open)(path, "rb"))
+    dtype, shape = idx_header(f)
+    if suffix != ".gz":  # an IDX file's size is its header's promise: check it before reading
+        values = (os.fstat(f.fileno()).st_size - 4 - 4 * len(shape)) / dtype.itemsize
+        if values != math.prod(shape):
+            raise ValueError(f"IDX data holds {values:g} values, its header says {shape}")
+    return f, dtype, shape
+
+
+def npy_header(f) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of a .npy stream, which is left at the first value. Object arrays (which
+    would need unpickling) and Fortran order (not readable image by image) are refused."""
+    version = np.lib.format.read_magic(f)
+    shape, fortran_order, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0(f))
+    if dtype.hasobject:
+        raise ValueError("an object array (it would need unpickling): arrays must hold numbers")
+    if fortran_order and len(shape) > 1:
+        raise ValueError("a Fortran-ordered array: save it C-ordered (np.ascontiguousarray)")
+    return dtype, shape
+
+
+def idx_header(f) -> tuple[np.dtype, tuple[int, ...]]:
+    """The IDX format of (Fashion-)MNIST: 2 zero bytes, a dtype code, ndim, big-endian int32
+    dims, then the data, where `f` is left."""
+    head = f.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES:
         raise ValueError("not an IDX file")
-    ndim = data[3]
-    dims = tuple(int(d) for d in np.frombuffer(data, ">i4", ndim, 4))
-    array = np.frombuffer(data, IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-    if array.size != np.prod(dims):
-        raise ValueError(f"IDX data holds {array.size} values, its header says {dims}")
-    return array.reshape(dims)
+    dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        raise ValueError("not an IDX file")
+    return np.dtype(IDX_DTYPES[head[2]]), tuple(int(d) for d in np.frombuffer(dims, ">i4"))
 
 
-def image_rows(array: np.ndarray):
-    """uint8 images (H, W[, C]) from an (N, H, W) or channels-last (N, H, W, C) array whose values
-    are 0–255 (any integer or bool type) or 0–1 (floats)."""
-    if array.ndim not in (3, 4) or (array.ndim == 4 and array.shape[3] not in (1, 3, 4)):
-        raise ValueError(f"expected images (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got shape {array.shape}")
+def uint8_images(array: np.ndarray):
+    """uint8 images (H, W[, C]) from a block (n, H, W[, C]) whose values are 0–255 (any integer
+    or bool type) or 0–1 (floats)."""
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
@@ -277,8 +345,7 @@ def image_rows(array: np.ndarray):
         array = np.rint(array * 255).astype(np.uint8)
     elif array.size and (array.min() < 0 or array.max() > 255):
         raise ValueError(f"integer images must lie in 0..255, found {array.min()}..{array.max()}")
-    array = array.astype(np.uint8, copy=False)
-    yield from array
+    yield from array.astype(np.uint8, copy=False)
 
 
 def source_shape(value) -> tuple[int, int, int]:
@@ -288,11 +355,13 @@ def source_shape(value) -> tuple[int, int, int]:
     return value.height, value.width, 1 if value.mode in GREY_MODES else 3
 
 
-def first_image_shape(inputs: list[Path], root: Path, settings: dict) -> tuple[int, int, int]:
+def first_image_shape(inputs: list, root: Path, settings: dict) -> tuple[int, int, int]:
     """(height, width, channels) of the first readable image, for --size/--channels defaults."""
-    for path in inputs:
+    for item in inputs:
         try:
-            for record in read_images(path, root, settings["image_field"], settings["array_key"]):
+            if isinstance(item, str):
+                require_regular_file(item)  # a FIFO would block
+            for record in read_images(readable(item), root, settings["image_field"], settings["array_key"]):
                 if record.skip is None:
                     return source_shape(record.value)
         except Exception:  # unreadable: the shard task reports it; look at the next input

@@ -17,8 +17,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline import ArpipeError
-from pipeline.codecs import Codec
-from pipeline.data.sources import Record, read_text
+from pipeline.codecs import Codec, codec_file
+from pipeline.data.sources import Record, read_text, readable, require_regular_file, split_of
 from pipeline.log import LOG
 
 EOS = "<|endoftext|>"  # ends documents in tokenizers arpipe trains (and GPT-2's)
@@ -138,7 +138,7 @@ class TextCodec(Codec):
 
     @classmethod
     def from_config(cls, config: dict, root: Path) -> "TextCodec":
-        path = root / config["tokenizer"]
+        path = codec_file(root, config["tokenizer"])
         codec = cls.load(path, config.get("eos_token"))
         if codec.sha256 != config["tokenizer_sha256"]:
             raise ArpipeError(f"{path} does not match the manifest's tokenizer_sha256")
@@ -168,12 +168,12 @@ class TextCodec(Codec):
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=dtype) for e in encodings]
 
-    def read_records(self, path: Path, root: Path, settings: dict):
+    def read_records(self, path, root: Path, settings: dict):
         return read_text(path, root, settings["sample_by"], settings["text_field"])
 
     def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
         texts = [r.value for r in records]
-        return [(tokens, {"key": r.key, "bytes": len(t.encode())})
+        return [(tokens, {"key": r.key, "bytes": len(t) if t.isascii() else len(t.encode())})
                 for r, t, tokens in zip(records, texts, self.encode_batch(texts))]
 
     def encode(self, text: str) -> np.ndarray:
@@ -204,9 +204,7 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
     """For `prepare`: load the given tokenizer, or train one on the training split's documents
     (up to `train_bytes` of text, from inputs in a seeded random order so it sees the corpus
     evenly), and save it as OUT/tokenizer.json."""
-    from pipeline.data.shards import split_of
-
-    def make(inputs: list[Path], root: Path, out: Path) -> TextCodec:
+    def make(inputs: list, root: Path, out: Path) -> TextCodec:
         if tokenizer:
             codec = TextCodec.load(tokenizer, settings["eos_token"])
         else:
@@ -214,7 +212,9 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
                 seen = 0
                 for i in np.random.default_rng(0).permutation(len(inputs)):
                     try:
-                        for r in read_text(inputs[i], root, settings["sample_by"], settings["text_field"]):
+                        if isinstance(inputs[i], str):
+                            require_regular_file(inputs[i])  # a FIFO would block
+                        for r in read_text(readable(inputs[i]), root, settings["sample_by"], settings["text_field"]):
                             if r.skip is None and split_of(r.key, settings["val_fraction"]) == "train":
                                 yield r.value
                                 seen += len(r.value)

@@ -4,7 +4,7 @@ Layout of OUT/:
   plan.json                       the settings and inputs, fixed by the first run
   tokenizer.json …                the codec's files
   {split}/{split}-{task:05d}-{n:06d}.tar
-  _tasks/task-{task:05d}.json     a task's done-marker: its shards, counts and skips
+  _tasks/task-{task:05d}.json     a task's done-marker: its shards, counts, skips and its process's peak RSS
   manifest.json                   everything above merged, written last
 
 One WebDataset sample is a *chunk* of many items (≈ 2 MB of tokens), because WebDataset's cost is
@@ -20,11 +20,11 @@ mtime, owner and order), so a resumed run's shards equal a clean run's.
 """
 
 import fcntl
+import functools
 import hashlib
 import io
 import json
 import os
-import stat
 import tarfile
 import time
 from collections import Counter
@@ -40,18 +40,13 @@ from tqdm import tqdm
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, load_codec
 from pipeline.data import storage
-from pipeline.data.sources import Record, common_root
+from pipeline.data.hf_inputs import PREFIX, DatasetInput, DatasetPart
+from pipeline.data.sources import common_root, relative_name, require_regular_file, split_of
 from pipeline.log import LOG
 
 FORMAT = 1
 SPLITS = ("train", "val")
 EXAMPLES_PER_REASON = 20  # skipped items listed by key in the manifest; the rest are counted
-
-
-def split_of(key: str, val_fraction: float) -> str:
-    """train or val, from a hash of the item's key: stable under re-runs and parallelism."""
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return "val" if h < val_fraction * 2**64 else "train"
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -66,12 +61,36 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class HashedFile:
+    """A file being written that hashes its bytes on the way, so a finished shard's sha256
+    needs no second read of the tar."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardWriter:
-    """Writes one task's items of one split into chunks and tars of bounded size."""
+    """Writes one task's items of one split into chunks and tars of bounded size.
+
+    The tars are written with tarfile, not webdataset's TarWriter: `import webdataset` imports
+    torch, 2.5 s of CPU time per shard worker process (measured on the 2-core CI machine; tarfile
+    0.03 s), more than the whole stage takes on a small input, for the same tar (pipeline/data/
+    wds.py reads the shards with webdataset)."""
 
     def __init__(self, directory: Path, split: str, task: int, dtype, chunk_bytes: int, shard_bytes: int):
-        self.directory, self.split, self.task, self.dtype = directory, split, task, dtype
-        self.chunk_bytes, self.shard_bytes = chunk_bytes, shard_bytes
+        self.directory, self.split, self.task, self.dtype = directory, split, task, np.dtype(dtype)
+        self.chunk_tokens, self.shard_bytes = chunk_bytes // self.dtype.itemsize, shard_bytes
         self.entries: list[dict] = []
         self.tar = None
         self.n_chunks = 0
@@ -83,10 +102,12 @@ class ShardWriter:
         self.size = 0
 
     def add(self, tokens: np.ndarray, meta: dict) -> None:
-        self.tokens.append(tokens.astype(self.dtype, copy=False))
+        """One item: its tokens (in the codec's token dtype) and meta. Called once per document,
+        so it does as little as it can."""
+        self.tokens.append(tokens)
         self.meta.append(meta)
-        self.size += tokens.nbytes
-        if self.size >= self.chunk_bytes:
+        self.size += len(tokens)
+        if self.size >= self.chunk_tokens:
             self._flush_chunk()
 
     def _flush_chunk(self):
@@ -97,13 +118,14 @@ class ShardWriter:
             self.path = self.directory / self.split / name
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.path.with_name(name + ".tmp")
-            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+            self.file = HashedFile(self.tmp)
+            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
             self.chunks: list[dict] = []
         key = f"{self.split}-{self.task:05d}-{self.n_chunks:06d}"
         offsets = np.zeros(len(self.tokens) + 1, dtype=np.int64)
         np.cumsum([len(t) for t in self.tokens], out=offsets[1:])
         members = {
-            "tokens.npy": _npy_bytes(np.concatenate(self.tokens)),
+            "tokens.npy": _npy_bytes(np.concatenate(self.tokens).astype(self.dtype, copy=False)),
             "offsets.npy": _npy_bytes(offsets),
             "meta.json": json.dumps({"items": self.meta}).encode(),
         }
@@ -119,17 +141,18 @@ class ShardWriter:
                             "bytes": sum(m.get("bytes", 0) for m in self.meta), "members": ranges})
         self.n_chunks += 1
         self._new_chunk()
-        if self.tar.fileobj.tell() >= self.shard_bytes:
+        if self.tar.offset >= self.shard_bytes:
             self._close_shard()
 
     def _close_shard(self):
         self.tar.close()
+        self.file.close()
         self.tar = None
         os.replace(self.tmp, self.path)
         self.entries.append({
             "path": str(self.path.relative_to(self.directory)),
             "split": self.split,
-            "sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+            "sha256": self.file.sha256.hexdigest(),
             "items": sum(c["items"] for c in self.chunks),
             "tokens": sum(c["tokens"] for c in self.chunks),
             "bytes": sum(c["bytes"] for c in self.chunks),
@@ -152,9 +175,10 @@ class Plan:
 
     @classmethod
     def load(cls, out: Path) -> "Plan":
-        return cls(out, json.loads((out / "plan.json").read_text()))
+        """OUT's plan, read once per process: a pool worker's tasks share it and its codec (a plan
+        lists every input file, and a folder of images has hundreds of thousands)."""
+        return _load_plan(str(out), os.stat(out / "plan.json").st_mtime_ns)
 
-    inputs = cached_property(lambda self: [Path(p) for p in self.data["inputs"]])
     root = property(lambda self: Path(self.data["root"]))
     num_tasks = property(lambda self: self.data["num_tasks"])
 
@@ -162,8 +186,13 @@ class Plan:
     def codec(self) -> Codec:
         return load_codec(self.data["codec"], self.out)
 
-    def task_inputs(self, task: int) -> list[Path]:
-        return self.inputs[task :: self.num_tasks]
+    files = cached_property(lambda self: [p for p in self.data["inputs"] if not p.startswith(PREFIX)])
+    datasets = cached_property(lambda self: [DatasetInput.parse(p) for p in self.data["inputs"]
+                                             if p.startswith(PREFIX)])
+
+    def task_inputs(self, task: int) -> list[str | DatasetPart]:
+        """Files i, i+N, … of task i of N, then its 1/N of every dataset split's rows."""
+        return self.files[task :: self.num_tasks] + [d.part(task, self.num_tasks) for d in self.datasets]
 
     def marker(self, task: int) -> Path:
         return self.out / "_tasks" / f"task-{task:05d}.json"
@@ -172,8 +201,13 @@ class Plan:
         return [t for t in range(self.num_tasks) if not self.marker(t).exists()]
 
 
-def prepare(out: Path, settings: dict, inputs: list[Path], num_tasks: int | None,
-            make_codec: Callable[[list[Path], Path, Path], Codec]) -> Plan:
+@functools.lru_cache(maxsize=8)
+def _load_plan(out: str, mtime_ns: int) -> Plan:  # plan.json is written once, by an atomic rename
+    return Plan(Path(out), json.loads((Path(out) / "plan.json").read_text()))
+
+
+def prepare(out: Path, settings: dict, inputs: list[str | DatasetInput], num_tasks: int | None,
+            make_codec: Callable[[list, Path, Path], Codec]) -> Plan:
     """Create OUT/plan.json (and the codec's files) once; later runs check they ask the same.
 
     `settings` holds everything that changes the output (modality, codec and reader options,
@@ -199,10 +233,13 @@ def prepare(out: Path, settings: dict, inputs: list[Path], num_tasks: int | None
         data = {"format": FORMAT, "settings": settings, "root": str(root),
                 "inputs": [str(p) for p in inputs], "num_tasks": num_tasks or 1, "codec": codec.config()}
         write_json_atomic(out / "plan.json", data)
-        return Plan(out, data)
+        plan = Plan(out, data)
+        plan.codec = codec  # what tasks in this process use, rather than loading it back
+        return plan
 
 
-_progress = None  # bytes of input done, shared with pool workers for the progress bar
+_progress = None  # (bytes done, bytes of the started tasks' inputs), shared with pool workers for the progress bar
+BATCH_ITEMS, BATCH_BYTES = 256, 1 << 20  # what one encode call gets: bounded in count and in size
 
 
 def _init_worker(progress):
@@ -211,9 +248,13 @@ def _init_worker(progress):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the parallelism
 
 
-def run_task(out: Path, task: int) -> dict:
-    """Shard task `task` unless its done-marker exists. Returns the done-marker's contents."""
-    plan = Plan.load(out)
+def run_task(out: Path, task: int, plan: Plan | None = None) -> dict:
+    """Shard task `task` unless its done-marker exists. Returns the done-marker's contents.
+
+    Records are encoded in batches per split (the encoder's per-call cost is then negligible);
+    an input that fails part-way keeps the items read before the failure and is listed with the
+    reason and that count."""
+    plan = plan or Plan.load(out)
     marker = plan.marker(task)
     if marker.exists():
         return json.loads(marker.read_text())
@@ -221,81 +262,127 @@ def run_task(out: Path, task: int) -> dict:
         for stale in (out / split).glob(f"{split}-{task:05d}-*"):
             stale.unlink()
     settings = plan.data["settings"]
+    val_fraction = settings["val_fraction"]
     codec = plan.codec
     writers = {s: ShardWriter(out, s, task, codec.token_dtype, settings["chunk_bytes"], settings["shard_bytes"])
                for s in SPLITS}
     skipped_files, skipped_items, examples = [], Counter(), {}
-    batch: list[tuple[str, Record]] = []
+    pending = {s: [] for s in SPLITS}
+    pending_bytes = dict.fromkeys(SPLITS, 0)
 
-    def flush():
-        for (split, record), (tokens, meta) in zip(batch, codec.encode_records([r for _, r in batch])):
-            writers[split].add(tokens, meta)
-        batch.clear()
+    def flush(split):
+        writer = writers[split]
+        for tokens, meta in codec.encode_records(pending[split]):
+            writer.add(tokens, meta)
+        pending[split].clear()
+        pending_bytes[split] = 0
 
-    for path in plan.task_inputs(task):
+    inputs, root = plan.task_inputs(task), plan.root
+    checked = [check_input(path) for path in inputs]  # each task stats its own inputs, in parallel
+    progress = Progress(sum(size for size, _ in checked))
+    for path, (size, problem) in zip(inputs, checked):
+        items = 0
         try:
-            require_regular_file(path)
-            for record in codec.read_records(path, plan.root, settings):
+            if problem:
+                raise problem
+            for record in codec.read_records(path, root, settings):
                 if record.skip:
                     skipped_items[record.skip] += 1
-                    examples.setdefault(record.skip, [])
-                    if len(examples[record.skip]) < EXAMPLES_PER_REASON:
-                        examples[record.skip].append(record.key)
+                    keys = examples.setdefault(record.skip, [])
+                    if len(keys) < EXAMPLES_PER_REASON:
+                        keys.append(record.key)
                     continue
-                batch.append((split_of(record.key, settings["val_fraction"]), record))
-                if len(batch) >= 256:
-                    flush()
+                items += 1
+                split = split_of(record.key, val_fraction)
+                batch = pending[split]
+                batch.append(record)
+                value = record.value
+                pending_bytes[split] += value.nbytes if isinstance(value, np.ndarray) else len(value)
+                if len(batch) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
+                    flush(split)
+        except ArpipeError:  # an option to change (a dataset's split, column, …): fatal, with its message
+            raise
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
-            reason = "empty file" if _size(path) == 0 and os.path.isfile(path) else f"{type(e).__name__}: {e}"
-            skipped_files.append({"input": str(path.relative_to(plan.root)), "reason": reason[:500]})
-        flush()
-        if _progress is not None:
-            with _progress.get_lock():
-                _progress.value += _size(path)
+            empty = size == 0 and problem is None and isinstance(path, str)
+            reason = "empty file" if empty else f"{type(e).__name__}: {e}"
+            name = relative_name(path, root) if isinstance(path, str) else str(path)
+            skipped = {"input": name, "reason": reason[:500]}
+            skipped_files.append({**skipped, "items_kept": items} if items else skipped)
+        progress.add(size)
+    for split in SPLITS:
+        flush(split)
+    progress.add(0, force=True)
     result = {"task": task, "shards": [e for s in SPLITS for e in writers[s].close()],
-              "skipped_files": skipped_files, "skipped_items": dict(skipped_items), "skipped_examples": examples}
+              "skipped_files": skipped_files, "skipped_items": dict(skipped_items), "skipped_examples": examples,
+              "peak_rss_mb": peak_rss_mb()}
     marker.parent.mkdir(exist_ok=True)
     write_json_atomic(marker, result)
     return result
 
 
-def require_regular_file(path: Path) -> None:
-    """Raise (with a reason for the manifest) unless `path` is a readable regular file; reading
-    a FIFO would block the task forever."""
-    mode = os.stat(path).st_mode  # OSError for broken symlinks, symlink loops
-    if not stat.S_ISREG(mode):
-        raise OSError(f"not a regular file ({stat.filemode(mode)})")
-    with open(path, "rb") as f:  # PermissionError for an unreadable file
-        f.read(1)
-
-
-def _size(path: Path) -> int:
+def peak_rss_mb() -> int | None:
+    """This process's own peak resident memory in MB: VmHWM, which starts afresh at exec, unlike
+    getrusage's ru_maxrss, which also counts the process it was forked from. None off Linux."""
     try:
-        return path.stat().st_size
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) >> 10 for line in f if line.startswith("VmHWM:"))
     except OSError:
-        return 0
+        return None
 
 
-def run_tasks(out: Path, tasks: list[int], workers: int) -> None:
-    """Run shard tasks in a process pool with a progress bar over input bytes."""
-    plan = Plan.load(out)
+def check_input(path: str | DatasetPart) -> tuple[int, Exception | None]:
+    """(size in bytes, the problem that makes it unreadable or None): a file must be a regular
+    one (reading a FIFO would block); a dataset part's size is approximate."""
+    if isinstance(path, DatasetPart):
+        return path.size, None
+    try:
+        return require_regular_file(path), None
+    except OSError as e:  # broken symlinks, symlink loops, FIFOs
+        return 0, e
+
+
+class Progress:
+    """A task's input bytes: all of them added to the shared total at its start, those done
+    added at most twice a second (not once per file: a folder of images has many)."""
+
+    def __init__(self, total: int):
+        self.bytes, self.last = 0, time.monotonic()
+        if _progress is not None:
+            with _progress.get_lock():
+                _progress[1] += total
+
+    def add(self, size: int, force: bool = False) -> None:
+        self.bytes += size
+        if _progress is not None and (force or time.monotonic() - self.last > 0.5):
+            with _progress.get_lock():
+                _progress[0] += self.bytes
+            self.bytes, self.last = 0, time.monotonic()
+
+
+def run_tasks(plan: Plan, tasks: list[int], workers: int) -> None:
+    """Run shard tasks in a process pool with a progress bar over input bytes (the total grows as
+    tasks start: each measures its own inputs)."""
     ctx = get_context("spawn")  # fork after tokenizers/torch threads started can deadlock
-    progress = ctx.Value("q", 0)
-    total = sum(_size(p) for t in tasks for p in plan.task_inputs(t))
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="shard", disable=None)
+    progress = ctx.Array("q", 2)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="shard", disable=None)
+
+    def update():
+        bar.total = progress[1]
+        bar.update(progress[0] - bar.n)
+
     if workers <= 1:
         _init_worker(progress)
         for t in tasks:
-            run_task(out, t)
-            bar.update(progress.value - bar.n)
+            run_task(plan.out, t, plan)
+            update()
     else:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress,)) as pool:
-            pending = {pool.submit(run_task, out, t) for t in tasks}
+            pending = {pool.submit(run_task, plan.out, t) for t in tasks}
             while pending:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
                     future.result()
-                bar.update(progress.value - bar.n)
+                update()
     bar.close()
 
 
@@ -322,7 +409,7 @@ def finalize(out: Path) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "codec": plan.data["codec"],
         "settings": plan.data["settings"],
-        "inputs": {"root": plan.data["root"], "files": len(plan.inputs)},
+        "inputs": {"root": plan.data["root"], "files": len(plan.data["inputs"])},
         "tasks": plan.num_tasks,
         "splits": splits,
         "skipped": {"files": [f for r in results for f in r["skipped_files"]],
@@ -443,7 +530,7 @@ class Shards:
         return tokens, offsets
 
 
-def run_stage(out: Path, settings: dict, inputs: list[Path], make_codec, *, workers: int = 1,
+def run_stage(out: Path, settings: dict, inputs: list[str | DatasetInput], make_codec, *, workers: int = 1,
               num_tasks: int | None = None, task: int | None = None, finalize_only: bool = False) -> dict | None:
     """A whole shard stage: plan once, run the unfinished tasks (or just `task`), merge the manifest.
 
@@ -459,12 +546,12 @@ def run_stage(out: Path, settings: dict, inputs: list[Path], make_codec, *, work
     if task is not None:
         if not 0 <= task < plan.num_tasks:
             raise ArpipeError(f"--task {task} is outside 0..{plan.num_tasks - 1}")
-        run_task(out, task)
+        run_task(out, task, plan)
         return None
     pending = plan.pending()
     LOG.info("shard: %d inputs, %d tasks, %d to run, %d workers -> %s",
-             len(plan.inputs), plan.num_tasks, len(pending), workers, out)
-    run_tasks(out, pending, workers)
+             len(plan.data["inputs"]), plan.num_tasks, len(pending), workers, out)
+    run_tasks(plan, pending, workers)
     manifest = finalize(out)
     for split, totals in manifest["splits"].items():
         LOG.info("shard: %s: %d items, %d tokens, %d chunks in %d shards",

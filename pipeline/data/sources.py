@@ -1,21 +1,27 @@
-"""Sources: find input files and read their records through HF `datasets`.
+"""Sources: find the inputs (files, Hugging Face datasets) and read text records from them.
 
 A record has a key that is stable under re-runs and any degree of parallelism: the input's path
-relative to the common root of all inputs, and the record's index within that input. Records a
-codec must not see (empty, invalid UTF-8, binary) come out as skips with a reason, so the shard
-stage can count them instead of failing or dropping them silently.
+relative to the common root of all inputs, and the record's index within that input (for a
+dataset: NAME/SPLIT/ROW, see hf_inputs.py). Records a codec must not see (empty, too long,
+invalid UTF-8, binary) come out as skips with a reason, so the shard stage can count them instead
+of failing or dropping them silently. Everything is read in bounded pieces: a shard worker's
+memory does not grow with its inputs.
 """
 
+import bz2
 import glob
-import io
-import logging
+import gzip
+import hashlib
+import lzma
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline import ArpipeError
+from pipeline.data.hf_inputs import (PREFIX, DatasetInput, DatasetPart, dataset_inputs, import_datasets,
+                                     is_saved_dataset)
 
 # File suffixes read by a tabular `datasets` builder (one record per row); all else is plain text.
 TABULAR_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -23,90 +29,150 @@ TABULAR_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".
 PACKED_SUFFIXES = {".gz", ".gzip", ".bz2", ".xz", ".lz4", ".zst", ".zstd", ".zip", ".eval", ".tar", ".tgz", ".7z", ".rar"}
 PACKED_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08", b"BZh", b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x04\x22\x4d\x18",
                 b"\x28\xb5\x2f\xfd", b"Rar!")
+ARCHIVES = (".zip", ".eval", ".tar", ".tgz", ".7z", ".rar", ".tar.gz", ".tar.bz2", ".tar.xz")
+# Single compressed streams that arpipe reads itself, in bounded pieces, by magic number.
+COMPRESSED_TEXT = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+# A longer document is skipped: the tokenizer needs about 500 bytes per token of a document, so
+# this bounds a shard worker's memory to about 0.7 GB (cut longer texts with --sample-by
+# paragraph or line).
+MAX_DOCUMENT_CHARS = 4 << 20
+TOO_LONG = "longer than 4 Mi characters"
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):  # a tuple: millions are made, one per document, clip or image
     key: str
-    value: object = None  # the payload: str for text
+    value: object = None  # the payload: str for text, arrays for audio and images
     skip: str | None = None  # why the record is unusable; None when it is fine
+    meta: dict | None = None  # what the codec adds to the item's meta (e.g. an image's source size)
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files named by paths, directories (recursively) and globs (`**` allowed), sorted.
+def split_of(key: str, val_fraction: float, blake2b=hashlib.blake2b) -> str:
+    """train or val, from a hash of the item's key: stable under re-runs and parallelism."""
+    h = int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little")
+    return "val" if h < val_fraction * 2**64 else "train"
+
+
+def expand_inputs(patterns: list[str], hf_splits=("train",), hf_config: str | None = None,
+                  hf_revision: str | None = None) -> list[str | DatasetInput]:
+    """Files named by paths, directories (recursively) and globs (`**` allowed), as sorted
+    absolute path strings; then the Hugging Face datasets named by `hf://…` or by a directory
+    `save_to_disk` wrote, one input per split (see hf_inputs.py). File inputs stay strings through
+    the shard stage: making a Path costs microseconds, as much as a small image's other overhead.
 
     A file reached through several symlinked paths is listed once. Directory loops made of
     symlinks are walked once. Broken symlinks, symlink loops and special files (FIFOs, sockets)
     are listed too: the shard task that meets them records them as skipped, with the reason."""
-    found: dict[str, Path] = {}  # real path -> first path that reached it
+    found: dict[str, str] = {}  # real path -> first path that reached it
 
-    def add(path: Path, real_dir: str | None = None):
-        try:
-            if real_dir is not None and not stat.S_ISLNK(os.lstat(path).st_mode):
-                key = os.path.join(real_dir, path.name)  # what resolve() gives, without its lstat per component
-            else:
-                key = str(path.resolve(strict=True))
+    def add(path: str, real: str | None = None):
+        try:  # `real` is what resolve() gives, known without a system call per file
+            found.setdefault(real or str(Path(path).resolve(strict=True)), path)
         except (OSError, RuntimeError):  # broken symlink or symlink loop: keep it to report it
-            key = str(path.absolute())
-        found.setdefault(key, path.absolute())
+            found.setdefault(path, path)
 
+    splits = []
     for pattern in patterns:
+        if pattern.startswith(PREFIX) or is_saved_dataset(Path(pattern)):
+            splits += dataset_inputs(pattern, list(hf_splits), hf_config, hf_revision)
+            continue
         matches = glob.glob(os.path.expanduser(pattern), recursive=True)
         if not matches:
             raise ArpipeError(f"--input {pattern!r} matches no file")
-        for match in map(Path, matches):
-            if not match.is_dir():
+        for match in map(os.path.abspath, matches):
+            if not os.path.isdir(match):
                 add(match)
                 continue
-            seen_dirs = set()
-            for directory, subdirs, files in os.walk(match, followlinks=True):
+            seen_dirs, directories = set(), [match]
+            while directories:  # followed into symlinked directories, each real one walked once
+                directory = directories.pop()
                 real = os.path.realpath(directory)
-                if real in seen_dirs:  # a symlink loop back into a walked directory
-                    subdirs.clear()
+                if real in seen_dirs:
                     continue
                 seen_dirs.add(real)
-                for name in files:
-                    add(Path(directory, name), real)
-    return sorted(found.values())
+                try:
+                    with os.scandir(directory) as entries:
+                        for entry in entries:
+                            if is_directory(entry):
+                                directories.append(entry.path)
+                            else:
+                                add(entry.path, None if entry.is_symlink() else os.path.join(real, entry.name))
+                except PermissionError:  # listed, so that the shard task reports it as skipped
+                    add(directory)
+    return sorted(found.values()) + splits
 
 
-def common_root(files: list[Path]) -> Path:
-    if not files:
+def is_directory(entry: os.DirEntry) -> bool:
+    """Whether a directory entry is, or links to, a directory (a symlink loop is not)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def require_regular_file(path: str) -> int:
+    """The size of `path`; raises (with a reason for the manifest) unless it is a regular file:
+    reading a FIFO would block forever. An unreadable file raises PermissionError when read."""
+    info = os.stat(path)  # OSError for broken symlinks, symlink loops
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
+    return info.st_size
+
+
+def common_root(inputs: list) -> Path:
+    """The directory input files' keys are relative to (the current one without files)."""
+    if not inputs:
         raise ArpipeError("no input files")
-    return Path(os.path.commonpath([str(f.parent) for f in files]))
+    files = [f for f in inputs if isinstance(f, str)]
+    if not files:
+        return Path.cwd()
+    # what all files share, the first and the last in sorted order share: no need to split them all
+    return Path(os.path.commonpath([os.path.dirname(min(files)), os.path.dirname(max(files))]))
 
 
-def builder_for(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
+def relative_name(path: str, root: Path) -> str:
+    """An input file's name relative to the common root of all inputs."""
+    prefix = str(root).rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+
+
+def readable(item: str | DatasetInput) -> str | DatasetPart:
+    """What a codec reads for a whole input: the file, or all of a dataset split's rows."""
+    return item.part(0, 1) if isinstance(item, DatasetInput) else item
+
+
+def builder_for(path: str) -> str:
+    suffixes = ["." + s for s in os.path.basename(path).lower().lstrip(".").split(".")[1:]]
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
         suffixes = suffixes[:-1]
     return TABULAR_BUILDERS.get(suffixes[-1] if suffixes else "", "text")
 
 
-def read_text(path: Path, root: Path, sample_by: str = "document", text_field: str = "text") -> Iterator[Record]:
-    """Documents of one input file. Plain text is cut by `sample_by`; tabular rows are documents.
+def read_text(path: str | DatasetPart, root: Path, sample_by: str = "document",
+              text_field: str = "text") -> Iterator[Record]:
+    """Documents of one input. Plain text (also gzip, bzip2 or xz compressed) is cut by
+    `sample_by`; tabular rows and dataset rows are documents.
 
     Raises OSError/ValueError-like exceptions from `datasets` for unreadable files; the caller
     records the file as skipped.
     """
-    name = str(path.relative_to(root))
-    builder = builder_for(path)
-    if builder == "text" and is_plain_file(path):  # the same documents, without `datasets` (see below)
-        for index, text in enumerate(plain_text_documents(path, sample_by)):
-            yield Record(f"{name}:{index}", text, text_problem(text))
+    if isinstance(path, DatasetPart):
+        for key, text in path.cells(text_field, "--text-field"):
+            yield Record(key, text, text_problem(text))
         return
-    # arpipe never downloads: without these, `datasets` probes the Hub (seconds per stall).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("USE_TORCH", "0")  # else `datasets` imports torch (seconds per worker) for nothing we use
-    import datasets
-
-    datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    name = relative_name(path, root)
+    builder = builder_for(path)
+    if builder == "text" and (opener := text_opener(path)):  # the same documents, without `datasets` (see below)
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            index = 0
+            for documents in text_documents(f, sample_by):  # a list at a time: millions of lines are cheap
+                yield from [Record(f"{name}:{i}", text, text_problem(text)) for i, text in enumerate(documents, index)]
+                index += len(documents)
+        return
+    datasets = import_datasets()
     # streaming: read the file where it lies, no Arrow cache copy of the corpus.
     # "replace" turns undecodable bytes into U+FFFD, which text_problem reports per document.
     options = {"sample_by": sample_by, "encoding_errors": "replace"} if builder == "text" else {}
-    rows = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True, **options)
+    rows = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
     for index, row in enumerate(rows):
         key = f"{name}:{index}"
         if builder == "text":
@@ -118,40 +184,62 @@ def read_text(path: Path, root: Path, sample_by: str = "document", text_field: s
         yield Record(key, text, text_problem(text))
 
 
-def is_plain_file(path: Path) -> bool:
-    """A regular file that is neither compressed nor an archive (by name and by magic number)."""
-    if path.suffix.lower() in PACKED_SUFFIXES or not stat.S_ISREG(os.stat(path).st_mode):
-        return False
+def text_opener(path: str):
+    """How arpipe reads a text file itself: `open` for a plain file, the decompressor's own
+    `open` for one gzip, bzip2 or xz stream (by magic number); None for archives (zip, tar, …)
+    and other packings, which `datasets` unpacks."""
     with open(path, "rb") as f:
-        return not f.read(8).startswith(PACKED_MAGIC)
+        magic = f.read(8)
+    name = os.path.basename(path).lower()
+    if name.endswith(ARCHIVES):
+        return None
+    for prefix, opener in COMPRESSED_TEXT.items():
+        if magic.startswith(prefix):
+            return opener
+    if os.path.splitext(name)[1] in PACKED_SUFFIXES or magic.startswith(PACKED_MAGIC):
+        return None
+    return open
 
 
-def plain_text_documents(path: Path, sample_by: str, chunk: int = 10 << 20) -> Iterator[str]:
-    """A plain text file's documents, cut exactly as `datasets`' text builder cuts them (universal
-    newlines; paragraphs split at blank lines, empty ones dropped; lines without their line break)
-    and read in 10 MB pieces as it does. Reading the file directly is 5-10× faster, and a shard
-    worker then never imports `datasets` and torch (seconds per process)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        if sample_by == "document":
-            yield f.read()
-        elif sample_by == "line":
-            while batch := f.read(chunk):
-                yield from (line.rstrip("\n") for line in io.StringIO(batch + f.readline()).readlines())
-        else:
-            carry = ""
-            while batch := f.read(chunk):
-                *paragraphs, carry = (carry + batch + f.readline()).split("\n\n")
-                yield from (p for p in paragraphs if p)
-            if carry:
-                yield carry
+def text_documents(f, sample_by: str, chunk: int = 1 << 20) -> Iterator[list[str]]:
+    """A text stream's documents, a list at a time, cut exactly as `datasets`' text builder cuts
+    them (universal newlines; paragraphs split at blank lines, empty ones dropped; lines without
+    their line break), read `chunk` characters at a time. Reading directly is 5-10× faster, and
+    a shard worker then never imports `datasets` and torch (seconds per process).
+
+    Memory stays bounded: a document longer than MAX_DOCUMENT_CHARS comes out as its first
+    MAX_DOCUMENT_CHARS + 1 characters, which `text_problem` refuses, and the rest is skipped
+    unread into memory."""
+    if sample_by == "document":
+        yield [f.read(MAX_DOCUMENT_CHARS + 1)]
+        return
+    separator = "\n" if sample_by == "line" else "\n\n"
+    keep = len(separator) - 1  # what a separator split across two reads leaves of it
+    carry, too_long = "", False
+    while batch := f.read(chunk):
+        *pieces, carry = (carry + batch).split(separator)
+        if too_long and pieces:  # the end of a document already reported as too long
+            pieces, too_long = pieces[1:], False
+        if sample_by == "paragraph":
+            pieces = [p for p in pieces if p]
+        if too_long or len(carry) > MAX_DOCUMENT_CHARS:
+            if not too_long:
+                pieces.append(carry[: MAX_DOCUMENT_CHARS + 1])
+                too_long = True
+            carry = carry[len(carry) - keep :]
+        yield pieces
+    if carry and not too_long:
+        yield [carry]
 
 
 def text_problem(text) -> str | None:
     """Why a document cannot be tokenised, or None."""
     if not isinstance(text, str):
         return "not a string"
-    if not text.strip():
+    if not text or text.isspace():
         return "empty"
+    if len(text) > MAX_DOCUMENT_CHARS:
+        return TOO_LONG
     if "\x00" in text:
         return "NUL bytes"
     if "\ufffd" in text:  # how undecodable bytes come out of the reader

@@ -11,8 +11,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import fsspec
-
 from pipeline import ArpipeError
 
 
@@ -25,9 +23,11 @@ def location(directory: str | Path) -> str:
     return str(directory) if is_url(directory) else str(Path(directory).absolute())
 
 
-def filesystem(where: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(file system, root path in it). fsspec keeps one instance per process, so a forked or
+def filesystem(where: str) -> tuple:
+    """(fsspec file system, root path in it). fsspec keeps one instance per process, so a forked or
     spawned DataLoader worker gets its own connections."""
+    import fsspec  # here, not at the top: a shard worker that reads no shards never pays its import
+
     try:
         return fsspec.core.url_to_fs(where)
     except (ImportError, ValueError) as e:  # an unknown protocol, or gs:// without gcsfs

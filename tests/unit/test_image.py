@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline import ArpipeError
-from pipeline.codecs.image import ImageCodec, read_idx
+from pipeline.codecs.image import ImageCodec, array_images
 from pipeline.codecs.ordering import ORDERINGS, hilbert_xy, inverse, permutation, pixel_order
 from pipeline.config import load_config
 from pipeline.data.shards import Shards
@@ -184,7 +184,7 @@ def test_idx_reader_checks_the_header(tmp_path):
     bad = tmp_path / "x-idx3-ubyte"
     bad.write_bytes(bytes([0, 0, 0x08, 3]) + np.array([2, 4, 4], ">i4").tobytes() + bytes(31))
     with pytest.raises(ValueError, match=r"holds 31 values, its header says \(2, 4, 4\)"):
-        read_idx(bad)
+        list(array_images(bad))
 
 
 # --- PixelCNN

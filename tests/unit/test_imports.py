@@ -9,10 +9,8 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "pipeline"
 
-# Known circles, each through one import of a codec module from the shard writer (which imports
-# the codecs): codecs/text.py's split_of, being untied on branch `shard`, and codecs/multi.py's
-# shard_multi. Remove each line once its import is gone; any other circle fails the test.
-KNOWN_IMPORTS = {("pipeline.codecs.text", "pipeline.data.shards"), ("pipeline.codecs.multi", "pipeline.data.shards")}
+# Imports allowed to close a circle (none today): any circle fails the test.
+KNOWN_IMPORTS: set[tuple[str, str]] = set()
 
 
 def module_files(package: Path = PACKAGE) -> dict[str, Path]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.data.shards import Shards, split_of
+from pipeline.data.shards import Shards
+from pipeline.data.sources import split_of
 from tests.conftest import arpipe, write_corpus
 
 
@@ -21,6 +22,18 @@ def digest(out) -> dict:
                 assert (split, item["key"]) not in items, f"duplicate {item['key']}"
                 items[split, item["key"]] = hashlib.sha256(tokens[start:end].tobytes()).hexdigest()
     return items
+
+
+def texts(out) -> dict[str, str]:
+    """key -> decoded text, over every item of a text shard directory."""
+    shards, found = Shards(out), {}
+    for split in ("train", "val"):
+        for shard, entry in shards.chunks(split):
+            tokens, offsets = shards.read_chunk(shard, entry["key"])
+            meta = json.loads(shards.read(shard, entry["key"], "meta.json"))
+            found.update({m["key"]: shards.codec.decode(tokens[a:b])
+                          for m, a, b in zip(meta["items"], offsets, offsets[1:])})
+    return found
 
 
 def test_round_trip_decodes_every_document(corpus, text_shards):
@@ -105,6 +118,25 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, text_shards):
     assert manifest["splits"]["train"]["items"] + manifest["splits"]["val"]["items"] == 5
 
 
+def test_a_file_that_fails_part_way_keeps_what_came_before(tmp_path, text_shards):
+    """A gzip stream cut short, read line by line: the lines before the cut are items, and the file
+    is listed as skipped with the reason and how many items it kept."""
+    import gzip
+
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [f"line {i}: " + "all work and no play " * 5 for i in range(30_000)]  # 3.4 MB
+    data = gzip.compress("".join(line + "\n" for line in lines).encode())
+    (src / "cut.txt.gz").write_bytes(data[: len(data) // 2])
+    arpipe("shard", "text", "--input", src, "--out", tmp_path / "o", "--tokenizer", text_shards / "tokenizer.json",
+           "--sample-by", "line", "--val-fraction", 0)
+    [skipped] = json.loads((tmp_path / "o" / "manifest.json").read_text())["skipped"]["files"]
+    kept = texts(tmp_path / "o")
+    assert skipped["input"] == "cut.txt.gz" and skipped["reason"].startswith("EOFError")
+    assert skipped["items_kept"] == len(kept) > 5000
+    assert kept == {f"cut.txt.gz:{i}": lines[i] for i in range(len(kept))}
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path, corpus, text_shards):
     out = tmp_path / "o"
     arpipe("shard", "text", "--input", corpus, "--out", out, "--tokenizer", text_shards / "tokenizer.json")
@@ -138,12 +170,60 @@ def test_manifest_paths_outside_the_directory_are_refused(tmp_path, text_shards)
         Shards(copy)
 
 
+def test_codec_files_outside_the_directory_are_refused(tmp_path, text_shards):
+    """The tokenizer a manifest or an export names is confined to its directory, as shard paths are:
+    neither loading nor exporting reads or writes a file outside it."""
+    import shutil
+
+    from pipeline import ArpipeError
+    from pipeline.export import load_export, save_export
+    from pipeline.models import build_model
+
+    copy = tmp_path / "shards"
+    shutil.copytree(text_shards, copy)
+    shutil.copy(text_shards / "tokenizer.json", tmp_path / "outside.json")  # a valid tokenizer, wrong place
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for name in ("../outside.json", str(tmp_path / "outside.json")):
+        manifest["codec"]["tokenizer"] = name
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ArpipeError, match="refusing codec file"):
+            Shards(copy).codec
+
+    model_cfg = {"name": "gpt", "n_layer": 1, "n_head": 1, "d_model": 8}
+    state = dict(build_model(model_cfg, 512, (16,)).state_dict())
+    codec = {**manifest["codec"], "tokenizer": "../outside.json"}
+    with pytest.raises(ArpipeError, match="refusing codec file"):  # would copy to export/../outside.json
+        save_export(tmp_path / "export", state, model_cfg, 512, (16,), codec, copy, {})
+    save_export(tmp_path / "export", state, model_cfg, 512, (16,), {**codec, "tokenizer": "tokenizer.json"},
+                text_shards, {})
+    (tmp_path / "export" / "codec.json").write_text(json.dumps(codec))
+    with pytest.raises(ArpipeError, match="refusing codec file"):
+        load_export(tmp_path / "export")
+
+
+def test_codecs_and_sources_never_import_the_layers_above():
+    """codecs/ and data/sources.py sit below the shard writer, the stream, training and eval."""
+    import ast
+
+    from tests.conftest import REPO
+
+    higher = ("pipeline.data.shards", "pipeline.data.stream", "pipeline.train", "pipeline.eval", "pipeline.export",
+              "pipeline.cli")
+    for path in [*(REPO / "pipeline" / "codecs").glob("*.py"), REPO / "pipeline" / "data" / "sources.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.startswith(higher)], f"{path.name} imports {names}"
+
+
 @pytest.mark.parametrize("sample_by", ["document", "paragraph", "line"])
 def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
-    """Plain files are read directly (fast); `datasets`' text builder is the reference."""
+    """Plain and gzipped files are read directly (fast); `datasets`' text builder is the reference."""
+    import gzip
+
     import datasets
 
-    from pipeline.data.sources import plain_text_documents
+    from pipeline.data.sources import text_documents, text_opener
 
     cases = {
         "crlf.txt": b"one\r\ntwo\r\n\r\nthree\r\n",
@@ -152,6 +232,7 @@ def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
         "latin1.txt": "caf\xe9\n\nna\xefve".encode("latin-1"),
         "long.txt": ("word " * 50 + "\n\n" + "line\n" * 30).encode() * 40,
         "empty.txt": b"",
+        "long.txt.gz": gzip.compress(("word " * 50 + "\n\n\r\n" + "line\r\n" * 30).encode() * 40),
     }
     for name, data in cases.items():
         path = tmp_path / name
@@ -159,4 +240,5 @@ def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
         reference = [r["text"] for r in datasets.load_dataset(
             "text", data_files=[str(path)], split="train", streaming=True, sample_by=sample_by,
             encoding_errors="replace")]
-        assert list(plain_text_documents(path, sample_by, chunk=64)) == reference, name
+        with text_opener(path)(path, "rt", encoding="utf-8", errors="replace") as f:
+            assert [d for documents in text_documents(f, sample_by, chunk=64) for d in documents] == reference, name
