@@ -15,6 +15,7 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "trainer": [],
     "sampling": [],
     "gpu": ["--cases", "gpt-bare", "pixelcnn"],
+    "shakespeare": [],
 }
 
 
