@@ -45,8 +45,9 @@ def step_times(stamps: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])]
 
 
-def run_trainer(cfg) -> tuple[list[float], list[float]]:
-    """The real trainer; returns batch-draw times and the per-step losses it wrote."""
+def run_trainer(cfg, on_batch=None) -> tuple[list[float], list[float]]:
+    """The real trainer; returns batch-draw times and the per-step losses it wrote. `on_batch`
+    is called before each batch is drawn (a profiler's step)."""
     import json
 
     from pipeline.train import trainer
@@ -56,6 +57,8 @@ def run_trainer(cfg) -> tuple[list[float], list[float]]:
     class TimedBatches(trainer.Batches):
         def __next__(self):
             stamps.append(time.perf_counter())
+            if on_batch:
+                on_batch()
             return super().__next__()
 
     original, trainer.Batches = trainer.Batches, TimedBatches
@@ -70,7 +73,6 @@ def run_trainer(cfg) -> tuple[list[float], list[float]]:
 def run_bare(cfg) -> tuple[list[float], list[float]]:
     """The same training as a plain PyTorch loop."""
     import torch
-    import torch.nn.functional as F
 
     from pipeline.data.shards import Shards
     from pipeline.data.stream import Batches, TokenStream
@@ -89,9 +91,7 @@ def run_bare(cfg) -> tuple[list[float], list[float]]:
     stamps, losses = [], []
     for _ in range(cfg.train.steps):
         stamps.append(time.perf_counter())
-        x = model.from_data(next(batches))
-        logits = model.to_sequence(model(x))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), model.to_sequence(x).flatten())
+        loss = model(model.from_data(next(batches)), loss=True)  # the trainer's loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -26,11 +26,19 @@ def _fraction(value: str) -> float:
     return x
 
 
+def _local(value: str) -> str:
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"{value} is a URL; object storage holds shards only (shard --out, "
+                                         f"eval --data, data.path): give a local or shared file system path")
+    return value
+
+
 def add_stage_options(p: argparse.ArgumentParser) -> None:
     """Options every `arpipe shard <modality>` shares."""
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", type=_local,
                    help="input files, directories or globs (** recurses)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for shards and manifest.json")
+    p.add_argument("--out", required=True, help="output directory for shards and manifest.json, or an object "
+                   "store URL (s3://bucket/prefix; AWS_ENDPOINT_URL and credentials from the environment)")
     p.add_argument("--workers", type=_positive, default=1, help="parallel processes on this machine (default 1)")
     p.add_argument("--task", type=int, help="run only task I (a Slurm array element), then stop")
     p.add_argument("--num-tasks", type=_positive, help="number of tasks the inputs are cut into "
@@ -50,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     modality = shard.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name, codec in codec_classes().items():
         stage = modality.add_parser(name, help=codec.help, description=codec.help)
-        add_stage_options(stage)
+        if codec.reads_raw_inputs:
+            add_stage_options(stage)
         codec.add_arguments(stage)
 
     train = sub.add_parser("train", help="train a model with DeepSpeed (run under deepspeed, torchrun or srun)")
@@ -59,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
 
     ev = sub.add_parser("eval", help="exact NLL of a model on a split, samples, completions -> MLflow")
-    ev.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    ev.add_argument("--data", required=True, help="shard directory")
+    ev.add_argument("--model", required=True, type=_local, help="an export, a run's out_dir, or a checkpoint directory")
+    ev.add_argument("--data", required=True, help="shard directory, or its s3://bucket/prefix")
     ev.add_argument("--split", default="val")
     ev.add_argument("--batch-size", type=_positive, default=16)
     ev.add_argument("--samples", type=int, default=4, help="unconditional samples")
@@ -72,16 +81,69 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--new-run", action="store_true", help="log to a new MLflow run, not the training run")
     ev.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
-    ev.add_argument("--out", help="also write the results as JSON here")
+    ev.add_argument("--out", type=_local, help="also write the results as JSON here")
 
     sample = sub.add_parser("sample", help="draw samples from an exported model")
-    sample.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
-    sample.add_argument("--out", help="directory for the sample files (default: a new temporary one)")
+    sample.add_argument("--model", required=True, type=_local,
+                        help="an export, a run's out_dir, or a checkpoint directory")
+    sample.add_argument("--out", type=_local, help="directory for the sample files (default: a new temporary one)")
     sample.add_argument("-n", type=_positive, default=4, help="number of samples")
     sample.add_argument("--prompt", help="what the samples continue: text, or for audio models a sound file")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--modality", choices=["text", "image", "audio"],
+                        help="a multimodal model's items of this modality (opened with its token), each "
+                             "rendered as .txt, PNG or WAV")
+    sample.add_argument("--length", type=_positive,
+                        help="variables per sample (tokens, audio samples), prompt included (default: the "
+                             "model's block_len); beyond it GPT and Llama slide their context window (--stride), "
+                             "WaveNet and GRU run on, image and classic models refuse")
+    sample.add_argument("--stride", type=_positive,
+                        help="for --length beyond a GPT's or Llama's context: the window moves on this many "
+                             "variables when full, so each sees at least block_len - stride before it, the "
+                             "conditionals `arpipe eval --stride` scores (default: block_len // 2)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
+    sample.add_argument("--top-k", type=int, help="draw from the k most likely values only")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+
+    export_hf = sub.add_parser("export-hf", help="write a text GPT or Llama as a Hugging Face transformers directory",
+                               description="Write a text GPT or Llama as a transformers GPT2LMHeadModel or "
+                               "LlamaForCausalLM directory with its tokenizer (AutoModelForCausalLM / "
+                               "AutoTokenizer.from_pretrained load it). The BOS the tokenizer puts first carries "
+                               "the model's start vector and no token is added, so every probability is arpipe's.")
+    export_hf.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    export_hf.add_argument("--out", required=True, type=Path, help="directory for the transformers files")
+
+    comp = sub.add_parser("compress", help="compress files losslessly with a model's exact conditionals",
+                          description="Range-code files with a model's conditionals: text (any bytes), images "
+                          "(pixel-exact at 256 levels), audio (its μ-law stream). Decompress with the same model, "
+                          "versions and kind of machine (the file records them).")
+    comp.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    comp.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="files, directories or globs")
+    comp.add_argument("--out", required=True, help="the compressed file to write")
+    comp.add_argument("--batch", type=_positive, default=16, help="rows coded in parallel (recorded; default 16)")
+    comp.add_argument("--stride", type=_positive,
+                      help="variables coded per context window beyond the model's length (default: half of it)")
+    comp.add_argument("--threads", type=_positive, default=1,
+                      help="torch threads (recorded: decompression uses the same; default 1)")
+    comp.add_argument("--segment", type=_positive, default=16384,
+                      help="code items longer than this many variables in pieces, each from an empty context, "
+                           "in parallel rows: faster for a few long files, a little larger (default 16384)")
+
+    decomp = sub.add_parser("decompress", help="restore the files of an `arpipe compress` file")
+    decomp.add_argument("file", help="the compressed file")
+    decomp.add_argument("--model", required=True, help="the model it was compressed with")
+    decomp.add_argument("--out", required=True, help="directory for the restored files")
+
+    fill = sub.add_parser("complete", help="fill the missing part of an image from p(missing | observed), exactly",
+                          description="Sample the missing part of an image from the model's exact conditional given "
+                          "the observed part (models whose ordering can put the observed part first; others are "
+                          "refused with what would work), report its NLL, write a PNG grid and complete.json.")
+    fill.add_argument("--model", required=True, help="an export, a run's out_dir, or a checkpoint directory")
+    fill.add_argument("--input", required=True, help="the image (PNG, JPEG, … or the first of an .npz/.npy array)")
+    fill.add_argument("--mask", required=True, help="the missing part: a PNG (white = missing), a .npy of bools, or "
+                      "left-half, right-half, top-half, bottom-half, center-square, random-P%% (e.g. random-50%%)")
+    fill.add_argument("-n", "--samples", type=_positive, default=4, help="completions to draw")
+    fill.add_argument("--seed", type=int, default=0, help="seeds the completions and random-P%% masks")
+    fill.add_argument("--out", default="completions", help="directory for complete.png and complete.json")
 
     server = sub.add_parser("mlflow-server", help="an MLflow tracking server (sqlite + local artifacts) for runs",
                             description="Start an MLflow tracking server on a sqlite store with local "
@@ -126,16 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shard(args) -> None:
+    from pipeline.data.remote_stage import run_remote_stage
     from pipeline.data.shards import run_stage
     from pipeline.data.sources import expand_inputs
+    from pipeline.data.storage import is_url
 
     codec = codec_classes()[args.modality]
+    if not codec.reads_raw_inputs:
+        from pipeline.codecs.multi import shard_multi
+
+        shard_multi({"text": args.text, "image": args.image, "audio": args.audio}, args.out,
+                    int(args.chunk_mb * 2**20), int(args.shard_mb * 2**20))
+        return
     settings = {"modality": args.modality, "val_fraction": args.val_fraction,
                 "chunk_bytes": int(args.chunk_mb * 2**20), "shard_bytes": int(args.shard_mb * 2**20),
                 **codec.shard_settings(args)}
     inputs = [] if args.finalize else expand_inputs(args.input)
-    run_stage(args.out, settings, inputs, codec.maker(settings, args), workers=args.workers,
-              num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
+    stage, out = (run_remote_stage, args.out) if is_url(args.out) else (run_stage, Path(args.out))
+    stage(out, settings, inputs, codec.maker(settings, args), workers=args.workers,
+          num_tasks=args.num_tasks, task=args.task, finalize_only=args.finalize)
 
 
 def run(argv: list[str]) -> None:
@@ -167,8 +238,27 @@ def run(argv: list[str]) -> None:
     elif args.command == "sample":
         from pipeline.eval.samples import sample_text
 
-        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out):
+        for path in sample_text(args.model, args.n, args.prompt, args.temperature, args.top_k, args.seed, args.out,
+                                args.length, args.stride, args.modality):
             print(path.read_text() if path.suffix == ".txt" else path)
+    elif args.command == "compress":
+        from pipeline.compress import compress
+
+        compress(args.model, args.input, args.out, batch=args.batch, stride=args.stride, threads=args.threads,
+                 segment=args.segment)
+    elif args.command == "decompress":
+        from pipeline.compress import decompress
+
+        for path in decompress(args.file, args.model, args.out):
+            print(path)
+    elif args.command == "complete":
+        from pipeline.complete import complete
+
+        complete(args.model, args.input, args.mask, samples=args.samples, seed=args.seed, out=args.out)
+    elif args.command == "export-hf":
+        from pipeline.hf import export_hf
+
+        print(export_hf(args.model, args.out))
     elif args.command == "mlflow-server":
         from pipeline.tracking import serve
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from pipeline import ArpipeError
 
@@ -44,6 +44,7 @@ class TrainConfig(Section):
     # directly (DeepSpeed's torch_autocast) — the plain PyTorch recipe (benchmarks/gpu.py compares)
     precision: Literal["fp32", "bf16", "bf16-autocast"] = "fp32"
     compile: bool = False  # torch.compile the model through DeepSpeed (engine.compile()); for GPUs
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3  # checkpoints kept on disk
@@ -51,6 +52,9 @@ class TrainConfig(Section):
     max_nonfinite: int = 5  # steps in a row with a non-finite loss before the run stops (each is skipped)
     # debug: [rank, batch] pairs (batch = 1-based count that rank drew) whose loss becomes NaN
     inject_nonfinite: list[tuple[int, int]] = []
+    # starting weights of a fresh run (a resumed run continues from its checkpoint): an arpipe export,
+    # run or checkpoint, or an HF GPT-2 or Llama directory; the optimizer and the step start fresh
+    init_from: str | None = None
 
 
 class TrackingConfig(Section):
@@ -108,7 +112,7 @@ class SlurmConfig(Section):
 
 
 class Config(Section):
-    out_dir: str
+    out_dir: str  # checkpoints, export, metrics: a path every rank shares (data.path may be s3://)
     seed: int = 0
     data: DataConfig
     model: dict = {}  # `name` picks the family (default gpt); the family's Config checks the rest
@@ -118,6 +122,14 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     deepspeed: dict = {}  # passed through to DeepSpeed over the config derived from the above
     slurm: SlurmConfig = SlurmConfig()
+
+    @field_validator("out_dir")
+    @classmethod
+    def _on_a_file_system(cls, value: str) -> str:
+        if "://" in value:  # checkpoints rename `latest` atomically and DeepSpeed writes local files
+            raise ValueError(f"{value} is a URL: object storage holds shards (data.path), while checkpoints and "
+                             f"exports need a local or shared file system path")
+        return value
 
 
 def parse_overrides(overrides: list[str]) -> dict:

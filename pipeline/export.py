@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from pipeline import ArpipeError
-from pipeline.codecs import Codec, load_codec
+from pipeline.codecs import Codec, codec_files, load_codec
 from pipeline.models import ARModel, build_model
 
 
@@ -46,9 +46,8 @@ def save_export(directory: Path, state: dict[str, torch.Tensor], model_cfg: dict
     meta = {"model": model_cfg, "vocab_size": vocab_size, "shape": list(shape), **info}
     (directory / "model.json").write_text(json.dumps(meta, indent=1))
     (directory / "codec.json").write_text(json.dumps(codec_config, indent=1))
-    for value in codec_config.values():  # the codec's own files, e.g. tokenizer.json
-        if isinstance(value, str) and (codec_dir / value).is_file():
-            shutil.copy(codec_dir / value, directory / value)
+    for name in codec_files(codec_config, codec_dir):  # the codec's own files, e.g. tokenizer.json
+        shutil.copy(codec_dir / name, directory / name)
     return directory
 
 

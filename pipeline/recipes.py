@@ -30,6 +30,7 @@ class ShardSpec(Spec):
 
 
 class VariantSpec(Spec):
+    data: str | None = None  # finished shards to train on instead of the recipe's shard stage
     shard: list[str] = []  # more shard options, e.g. [--ordering, snake]
     config: str | None = None  # another training config than the recipe's
     overrides: list[str] = []  # more training overrides, e.g. [model.name=gru]
@@ -44,12 +45,18 @@ class EvalSpec(Spec):
 class Recipe(Spec):
     name: str  # the parent run's name and the default output directory runs/<name>
     question: str = ""
-    metric: str  # a key of `arpipe eval`'s results: bits_per_dim, bits_per_byte, bits_per_sample …
+    # a key of `arpipe eval`'s results (bits_per_dim, bits_per_byte, bits_per_sample …), or several
+    # (one column each; a variant fills those its eval reports, e.g. one per modality)
+    metric: str | list[str]
     shard: ShardSpec
     config: str  # the training config every variant starts from
     overrides: list[str] = []  # training overrides for every variant
     eval: EvalSpec = EvalSpec()
     variants: dict[str, VariantSpec] = Field(min_length=2)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else self.metric
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -67,13 +74,19 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def markdown_table(recipe: Recipe, rows: list[dict]) -> str:
-    best = min(r[recipe.metric] for r in rows)
+    """One row per variant; with one metric a column of the gap to the best, with several one
+    column each ("—" where a variant's eval has no such number)."""
+    metrics = recipe.metrics
     lines = [f"# {recipe.name}", "", recipe.question, "",
-             f"| variant | {recipe.metric} | vs best | shard options | overrides | seconds |",
-             "|---|---:|---:|---|---|---:|"]
+             f"| variant | {' | '.join(metrics)} |{' vs best |' if len(metrics) == 1 else ''} shard options "
+             f"| overrides | seconds |", "|---|" + "---:|" * (len(metrics) + (len(metrics) == 1)) + "---|---|---:|"]
+    best = min(r[metrics[0]] for r in rows) if len(metrics) == 1 else None
     for r in rows:
-        lines.append(f"| {r['variant']} | {r[recipe.metric]:.4f} | {r[recipe.metric] - best:+.4f} | "
-                     f"{' '.join(r['shard'])} | {' '.join(r['overrides'])} | {r['seconds']:.0f} |")
+        values = [f"{r[m]:.4f}" if m in r else "—" for m in metrics]
+        if best is not None:
+            values.append(f"{r[metrics[0]] - best:+.4f}")
+        lines.append(f"| {r['variant']} | {' | '.join(values)} | {' '.join(r['shard'])} | "
+                     f"{' '.join(r['overrides'])} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +102,7 @@ def run_recipe(path: str | Path, out: Path | None = None, steps: int | None = No
     out = Path(out or Path("runs") / recipe.name)
     base = load_config(recipe.config, recipe.overrides)  # fails early on a bad config or override
     parent = Tracker(base.tracking.uri, base.tracking.experiment, run_name=recipe.name)
-    parent.log_params({"recipe": str(path), "question": recipe.question, "metric": recipe.metric,
+    parent.log_params({"recipe": str(path), "question": recipe.question, "metric": ",".join(recipe.metrics),
                        "variants": ",".join(variants)})
     parent.log_artifact(path)
     try:
@@ -117,19 +130,20 @@ def _run_variants(recipe: Recipe, variants: dict[str, VariantSpec], out: Path, s
     for name, variant in variants.items():
         LOG.info("recipe %s: variant %s", recipe.name, name)
         args = [*recipe.shard.args, *variant.shard]
-        shards = shard_dirs.get(tuple(args))
+        shards = Path(variant.data) if variant.data else shard_dirs.get(tuple(args))
         if shards is None:  # variants with identical shard options (e.g. model families) share shards
             shards = shard_dirs[tuple(args)] = out / "shards" / name
             cli(["shard", recipe.shard.modality, *args, "--out", str(shards)])
         start = time.time()
         result = train_and_eval(Path(variant.config or recipe.config), shards, out / name, steps,
                                 overrides=[*recipe.overrides, *variant.overrides], **recipe.eval.model_dump())
-        if recipe.metric not in result:
-            raise ArpipeError(f"recipe {recipe.name}: metric {recipe.metric!r} is not among eval's results "
+        found = {m: result[m] for m in recipe.metrics if m in result}
+        if not found:
+            raise ArpipeError(f"recipe {recipe.name}: none of the metrics {recipe.metrics} is among eval's results "
                               f"{sorted(k for k, v in result.items() if isinstance(v, float))}")
-        rows.append({"variant": name, recipe.metric: result[recipe.metric], "shard": variant.shard,
+        rows.append({"variant": name, **found, "shard": ["shards", variant.data] if variant.data else variant.shard,
                      "overrides": variant.overrides, "seconds": time.time() - start, "run_id": result["run_id"]})
-        parent.log_metrics({f"{recipe.metric}/{name}": result[recipe.metric]}, 0)
+        parent.log_metrics({f"{m}/{name}": v for m, v in found.items()}, 0)
         _nest(result, parent.run_id)
     return rows
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline import ArpipeError
 from pipeline.config import Config, SlurmJob
+from pipeline.data.storage import is_url, location
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "launch" / "slurm"
 
@@ -29,12 +30,20 @@ def plan_jobs(cfg: Config, config_path: str, overrides: list[str], scripts: Path
     """(name, sbatch arguments without the dependency) for each job of the chain, in order."""
     slurm = cfg.slurm
     logs = Path(cfg.out_dir).absolute() / "slurm"
+    data = location(cfg.data.path)
     jobs = []
     if slurm.shard:
         shard = slurm.shard
-        stage = [shard.modality, "--input", *shard.inputs, "--out", str(Path(cfg.data.path).absolute()), *shard.args]
-        array = f"--array=0-{shard.tasks - 1}" + (f"%{shard.parallel}" if shard.parallel else "")
-        jobs.append(("shard", [*_common(shard, cfg, "shard", logs, "%A_%a"), array, str(scripts / "shard.sbatch"), *stage]))
+        stage = [shard.modality, "--input", *shard.inputs, "--out", data, *shard.args]
+        first = 0
+        if is_url(data):  # an object store has no lock for concurrent planners: task 0 plans alone first
+            jobs.append(("shard-plan", [*_common(shard, cfg, "shard", logs, "%A_%a"), "--array=0",
+                                        str(scripts / "shard.sbatch"), *stage]))
+            first = 1
+        if first < shard.tasks:
+            array = f"--array={first}-{shard.tasks - 1}" + (f"%{shard.parallel}" if shard.parallel else "")
+            jobs.append(("shard", [*_common(shard, cfg, "shard", logs, "%A_%a"), array, str(scripts / "shard.sbatch"),
+                                   *stage]))
         jobs.append(("finalize", [*_common(shard, cfg, "finalize", logs), str(scripts / "shard.sbatch"), *stage]))
     train = slurm.train
     resources = [f"--nodes={train.nodes}", f"--signal={train.signal}"]
@@ -50,7 +59,7 @@ def plan_jobs(cfg: Config, config_path: str, overrides: list[str], scripts: Path
                            "--config", str(Path(config_path).absolute()), *overrides]))
     jobs.append(("eval", [*_common(slurm.eval, cfg, "eval", logs), f"--ntasks={slurm.eval.tasks}",
                           str(scripts / "eval.sbatch"), "--model", str(Path(cfg.out_dir).absolute()),
-                          "--data", str(Path(cfg.data.path).absolute()), *slurm.eval.args]))
+                          "--data", data, *slurm.eval.args]))
     return jobs
 
 
@@ -60,6 +69,8 @@ def submit(cfg: Config, config_path: str, overrides: list[str], dry_run: bool = 
     jobs = plan_jobs(cfg, config_path, overrides)
     # the jobs run the same interpreter (and so the same environment) as this command
     export = f"--export=ALL,ARPIPE_PYTHON={sys.executable}"
+    if cfg.slurm.shard:  # the array's size, also for the parts of a split array (shard.sbatch)
+        export += f",ARPIPE_NUM_TASKS={cfg.slurm.shard.tasks}"
     ids: dict[str, str] = {}
     previous = None
     for name, args in jobs:

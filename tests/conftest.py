@@ -30,7 +30,8 @@ def write_corpus(directory: Path, documents: int = 60) -> Path:
 
 def arpipe(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process."""
-    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=ENV, cwd=kwargs.pop("cwd", REPO),
+    result = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=kwargs.pop("env", ENV),
+                            cwd=kwargs.pop("cwd", REPO),
                             capture_output=True, text=True, timeout=kwargs.pop("timeout", 600), **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"arpipe {' '.join(map(str, args))} failed ({result.returncode}):\n"

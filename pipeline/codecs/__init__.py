@@ -22,6 +22,7 @@ class Codec:
     unit: str = "token"  # what one variable is called in metrics: nats_per_<unit>, bits_per_<unit>
     vocab_size: int
     eos_id: int | None = None
+    reads_raw_inputs: bool = True  # `arpipe shard <modality>` takes --input files (not shard sets)
 
     # The shard stage's command line: options, the settings they give (written to plan.json
     # and compared on re-runs), and the function that builds the codec once per shard stage.
@@ -84,9 +85,20 @@ def codec_classes() -> dict[str, type[Codec]]:
     """Every modality, by name."""
     from pipeline.codecs.audio import AudioCodec
     from pipeline.codecs.image import ImageCodec
+    from pipeline.codecs.multi import MultiCodec
     from pipeline.codecs.text import TextCodec
 
-    return {c.modality: c for c in (TextCodec, AudioCodec, ImageCodec)}
+    return {c.modality: c for c in (TextCodec, AudioCodec, ImageCodec, MultiCodec)}
+
+
+def codec_files(config, root: Path) -> list[str]:
+    """The codec's own files in `root` (e.g. tokenizer.json), named anywhere in its config
+    (a multimodal codec nests its parts' configs)."""
+    if isinstance(config, dict):
+        return [f for value in config.values() for f in codec_files(value, root)]
+    if isinstance(config, list):
+        return [f for value in config for f in codec_files(value, root)]
+    return [config] if isinstance(config, str) and (Path(root) / config).is_file() else []
 
 
 def load_codec(config: dict, root: str | Path) -> Codec:

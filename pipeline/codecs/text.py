@@ -1,11 +1,15 @@
-"""Text codec: a byte-level BPE tokenizer (HF `tokenizers`) trained on the corpus.
+"""Text codec: a byte-level BPE tokenizer (HF `tokenizers`) trained on the corpus, or one the user brings.
 
 Byte-level BPE is lossless for any valid UTF-8 string, so `decode(encode(s)) == s` and bits/byte
-is an honest number. The end-of-document token `<|endoftext|>` is a special token that input text
-can never produce: we encode special-token strings as plain text (`encode_special_tokens`).
+is an honest number; a tokenizer that is not (one that normalises text) is refused. The
+end-of-document token (`<|endoftext|>` for tokenizers arpipe trains, the tokenizer's own
+eos_token or `--eos-token` for others) is a special token that input text can never produce: we
+encode special-token strings as plain text (`encode_special_tokens`) and never let a tokenizer's
+post-processor add its BOS/EOS (`add_special_tokens=False`).
 """
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +21,27 @@ from pipeline.codecs import Codec
 from pipeline.data.sources import Record, read_text
 from pipeline.log import LOG
 
-EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"  # ends documents in tokenizers arpipe trains (and GPT-2's)
+# decode(encode(PROBE)) must give PROBE back: spaces, tabs, CRLF, case, accents, ligatures,
+# scripts, emoji and markup are what normalising tokenizers change
+PROBE = " Hello WORLD!  Two spaces,\ttab,\r\nCRLF\n\ncafé naïve Ωμέγα 中文 😀 ﬁx² <b>&amp;</b> trailing  "
+
+
+def configured_token(directory: Path, name: str) -> str | None:
+    """A special token (`eos_token`, `bos_token`) named by an HF tokenizer directory's
+    tokenizer_config.json or special_tokens_map.json; as a string or an {"content": …} entry."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / file
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get(name)
+            except (ValueError, AttributeError) as e:
+                raise ArpipeError(f"cannot read {path}: {e}") from None
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                return value
+    return None
 
 
 class TextCodec(Codec):
@@ -26,13 +50,26 @@ class TextCodec(Codec):
     stream_mode = "pack"
     unit = "token"
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, eos_token: str = EOS):
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True
-        self.eos_id = tokenizer.token_to_id(EOS)
+        self.eos_token = eos_token
+        self.eos_id = tokenizer.token_to_id(eos_token)
+        specials = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
         if self.eos_id is None:
-            raise ArpipeError(f"tokenizer has no {EOS} token; train one with `arpipe shard text`")
+            raise ArpipeError(f"tokenizer has no {eos_token} token: name its end-of-document token with --eos-token "
+                              f"(its special tokens: {', '.join(specials[:8]) or 'none'})")
+        if eos_token not in specials:  # a plain token could come out of ordinary text
+            raise ArpipeError(f"{eos_token} is not a special token of the tokenizer, so text could produce it; "
+                              f"name one of its special tokens with --eos-token ({', '.join(specials[:8]) or 'none'})")
         self.vocab_size = tokenizer.get_vocab_size()
+        back = self.decode(self.encode(PROBE))
+        if back != PROBE:
+            at = next(i for i, (a, b) in enumerate(zip(PROBE + "\0", back + "\0")) if a != b)
+            raise ArpipeError(f"tokenizer is not lossless: {PROBE[max(0, at - 10):at + 10]!r} decodes as "
+                              f"{back[max(0, at - 10):at + 10]!r}; exact bits/byte and samples need "
+                              f"decode(encode(text)) == text: use a byte-level BPE tokenizer (GPT-2's, Llama-3's) "
+                              f"or let `arpipe shard text --vocab-size N` train one")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "TextCodec":
@@ -49,11 +86,20 @@ class TextCodec(Codec):
         return cls(tokenizer)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextCodec":
+    def load(cls, path: str | Path, eos_token: str | None = None) -> "TextCodec":
+        """A tokenizer.json, or an HF tokenizer directory holding one. The end-of-document token:
+        `eos_token`, else the eos_token of tokenizer_config.json / special_tokens_map.json beside
+        tokenizer.json, else <|endoftext|> if the tokenizer has it."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tokenizer = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises plain Exception on bad JSON
-            raise ArpipeError(f"cannot load tokenizer {path}: {e}") from None
+            raise ArpipeError(f"cannot load tokenizer {file}: {e}") from None
+        try:
+            return cls(tokenizer, eos_token or configured_token(file.parent, "eos_token") or EOS)
+        except ArpipeError as e:
+            raise ArpipeError(f"{file}: {e}") from None
 
     @classmethod
     def add_arguments(cls, parser) -> None:
@@ -64,7 +110,11 @@ class TextCodec(Codec):
         parser.add_argument("--text-field", default="text", help="column holding the text in JSONL/parquet (default text)")
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--vocab-size", type=int, default=8192, help="train a tokenizer of this size (default 8192)")
-        group.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+        group.add_argument("--tokenizer", help="use this tokenizer instead of training one: a tokenizer.json or an HF "
+                           "tokenizer directory (tokenizer.json with tokenizer_config.json / special_tokens_map.json)")
+        parser.add_argument("--eos-token", help="with --tokenizer: its end-of-document token, e.g. '</s>' (default: "
+                            "the eos_token of its tokenizer_config.json or special_tokens_map.json, else "
+                            "<|endoftext|>)")
         parser.add_argument("--tokenizer-train-mb", type=float, default=500.0,
                             help="MB of training-split text the tokenizer is trained on (default 500)")
 
@@ -72,7 +122,10 @@ class TextCodec(Codec):
     def shard_settings(cls, args) -> dict:
         settings = {"sample_by": args.sample_by, "text_field": args.text_field}
         if args.tokenizer:
-            settings["tokenizer_sha256"] = cls.load(args.tokenizer).sha256
+            codec = cls.load(args.tokenizer, args.eos_token)
+            settings.update(tokenizer_sha256=codec.sha256, eos_token=codec.eos_token)
+        elif args.eos_token:
+            raise ArpipeError(f"--eos-token needs --tokenizer; a tokenizer arpipe trains ends documents with {EOS}")
         else:
             if args.vocab_size < 257:
                 raise ArpipeError(f"--vocab-size {args.vocab_size} is below 257 (256 bytes and EOS)")
@@ -86,7 +139,7 @@ class TextCodec(Codec):
     @classmethod
     def from_config(cls, config: dict, root: Path) -> "TextCodec":
         path = root / config["tokenizer"]
-        codec = cls.load(path)
+        codec = cls.load(path, config.get("eos_token"))
         if codec.sha256 != config["tokenizer_sha256"]:
             raise ArpipeError(f"{path} does not match the manifest's tokenizer_sha256")
         return codec
@@ -105,6 +158,7 @@ class TextCodec(Codec):
             "modality": self.modality,
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,
+            "eos_token": self.eos_token,
             "tokenizer": "tokenizer.json",
             "tokenizer_sha256": self.sha256,
         }
@@ -154,7 +208,7 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
 
     def make(inputs: list[Path], root: Path, out: Path) -> TextCodec:
         if tokenizer:
-            codec = TextCodec.load(tokenizer)
+            codec = TextCodec.load(tokenizer, settings["eos_token"])
         else:
             def texts():
                 seen = 0

@@ -32,13 +32,14 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import cached_property
 from multiprocessing import get_context
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, load_codec
+from pipeline.data import storage
 from pipeline.data.sources import Record, common_root
 from pipeline.log import LOG
 
@@ -106,12 +107,16 @@ class ShardWriter:
             "offsets.npy": _npy_bytes(offsets),
             "meta.json": json.dumps({"items": self.meta}).encode(),
         }
+        ranges = {}
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444
             self.tar.addfile(info, io.BytesIO(data))
+            # [data offset, size] in the tar, after the member's zero padding to a whole block:
+            # readers fetch a chunk with one range read and never walk the tar's headers
+            ranges[ext] = [self.tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, len(data)]
         self.chunks.append({"key": key, "items": len(self.tokens), "tokens": int(offsets[-1]),
-                            "bytes": sum(m.get("bytes", 0) for m in self.meta)})
+                            "bytes": sum(m.get("bytes", 0) for m in self.meta), "members": ranges})
         self.n_chunks += 1
         self._new_chunk()
         if self.tar.fileobj.tell() >= self.shard_bytes:
@@ -329,23 +334,61 @@ def finalize(out: Path) -> dict:
 
 
 class Shards:
-    """A finished shard directory: its manifest, codec and random access to chunks."""
+    """A finished shard directory, local or in object storage (storage.py): its manifest, codec
+    and random access to chunks.
+
+    Only shards the manifest names are read, so a stage still running (or killed) on the same
+    directory is invisible. A chunk is one read: a range covering its tokens and offsets, found
+    in the manifest (members' byte ranges) or, for manifests written before those were recorded,
+    in the tar's headers (read once per shard). For a URL that is one ranged GET per chunk; the
+    manifest is one GET, the codec's files are fetched once into a local cache (`meta_dir`).
+    """
 
     def __init__(self, directory: str | Path):
-        self.dir = Path(directory)
-        path = self.dir / "manifest.json"
-        if not path.exists():
-            raise ArpipeError(f"{path} not found: is {self.dir} the --out of a finished `arpipe shard` run?")
-        self.manifest = json.loads(path.read_text())
+        self.dir = storage.location(directory)  # a string: never a Path, which mangles URLs
+        self._pid, self._fs = None, None
+        path = storage.join(self.root, "manifest.json")
+        try:
+            self._manifest_bytes = storage.read(self.fs, path)
+        except FileNotFoundError:
+            raise ArpipeError(f"{self.dir}/manifest.json not found: is {self.dir} the --out of a finished "
+                              f"`arpipe shard` run?") from None
+        except Exception as e:  # an unreachable endpoint, refused credentials, …
+            raise storage.unreachable(f"{self.dir}/manifest.json", e) from None
+        self.manifest = json.loads(self._manifest_bytes)
         for entry in self.manifest["shards"]:
-            p = Path(entry["path"])
+            p = PurePosixPath(entry["path"])
             if p.is_absolute() or ".." in p.parts:  # a manifest must not point outside its directory
-                raise ArpipeError(f"{path}: refusing shard path {entry['path']!r}")
+                raise ArpipeError(f"{self.dir}/manifest.json: refusing shard path {entry['path']!r}")
+        self._ranges = {(e["path"], c["key"]): c["members"] for e in self.manifest["shards"]
+                        for c in e["chunks"] if "members" in c}
         self._members: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def _handle(self) -> tuple:
+        if self._pid != os.getpid():  # a DataLoader worker (forked or spawned) opens its own
+            self._fs, self._root = storage.filesystem(self.dir)
+            self._pid = os.getpid()
+        return self._fs, self._root
+
+    fs = property(lambda self: self._handle()[0], doc="this process's fsspec file system")
+    root = property(lambda self: self._handle()[1], doc="the shard directory's path in `fs`")
+
+    @cached_property
+    def meta_dir(self) -> Path:
+        """A local directory with manifest.json and the codec's files (e.g. tokenizer.json): the
+        shard directory itself, or a cached copy of a remote one's."""
+        if not storage.is_url(self.dir):
+            return Path(self.dir)
+        names = [v for v in self.manifest["codec"].values() if isinstance(v, str) and v and "/" not in v]
+        return storage.local_copy(self.fs, self.root, self.dir, self._manifest_bytes, names)
+
+    @property
+    def manifest_sha256(self) -> str:
+        return hashlib.sha256(self._manifest_bytes).hexdigest()
 
     @cached_property
     def codec(self) -> Codec:
-        return load_codec(self.manifest["codec"], self.dir)
+        return load_codec(self.manifest["codec"], self.meta_dir)
 
     def chunks(self, split: str) -> list[tuple[str, dict]]:
         """(shard path, chunk entry) for every chunk of a split, in a fixed order."""
@@ -354,26 +397,49 @@ class Shards:
     def _index(self, shard: str) -> dict[str, tuple[int, int]]:
         """Member name -> (data offset, size), from the tar headers (read once per shard)."""
         if shard not in self._members:
-            with tarfile.open(self.dir / shard) as tar:
+            with self.fs.open(storage.join(self.root, shard), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 members = tar.getmembers()
             for m in members:  # a shard is data, never a path: refuse names a tool could write outside
                 if m.name.startswith("/") or ".." in m.name.split("/") or not m.isfile():
-                    raise ArpipeError(f"{self.dir / shard}: refusing member {m.name!r} (absolute, '..' or not a file)")
+                    raise ArpipeError(f"{self.dir}/{shard}: refusing member {m.name!r} (absolute, '..' or not a file)")
             self._members[shard] = {m.name: (m.offset_data, m.size) for m in members}
         return self._members[shard]
 
+    def _read_members(self, shard: str, key: str, exts: tuple[str, ...]) -> list[bytes]:
+        """Members `key.ext` of a chunk, fetched with one read that spans them and their headers.
+        Each header must name exactly its member: a shard is data, never a path, and the
+        manifest's byte ranges must point at the members it names."""
+        ranges = self._ranges.get((shard, key))
+        spans = [ranges[ext] if ranges else self._index(shard)[f"{key}.{ext}"] for ext in exts]
+        start, end = min(o for o, _ in spans) - tarfile.BLOCKSIZE, max(o + n for o, n in spans)
+        data = self.fs.cat_file(storage.join(self.root, shard), start=start, end=end)
+        members = []
+        for ext, (offset, size) in zip(exts, spans):
+            at = offset - start
+            try:
+                info = tarfile.TarInfo.frombuf(data[at - tarfile.BLOCKSIZE : at], tarfile.ENCODING, "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise ArpipeError(f"{self.dir}/{shard}: cannot read chunk {key}: no tar header before byte {offset} "
+                                  f"({e})") from None
+            if info.name != f"{key}.{ext}" or not info.isfile():
+                raise ArpipeError(f"{self.dir}/{shard}: refusing member {info.name!r} where the manifest has "
+                                  f"{key}.{ext}")
+            if info.size != size:
+                raise ArpipeError(f"{self.dir}/{shard}: cannot read chunk {key}: {info.name} holds {info.size} bytes, "
+                                  f"the manifest says {size} (was the shard changed after sharding?)")
+            members.append(data[at : at + size])
+        return members
+
     def read(self, shard: str, key: str, ext: str) -> bytes:
-        offset, size = self._index(shard)[f"{key}.{ext}"]
-        with open(self.dir / shard, "rb") as f:
-            return os.pread(f.fileno(), size, offset)
+        return self._read_members(shard, key, (ext,))[0]
 
     def read_chunk(self, shard: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """A chunk's concatenated tokens and item offsets."""
+        """A chunk's concatenated tokens and item offsets (adjacent members: one read)."""
         try:  # allow_pickle=False: a shard holds numbers, never objects to unpickle
-            tokens = np.load(io.BytesIO(self.read(shard, key, "tokens.npy")), allow_pickle=False)
-            offsets = np.load(io.BytesIO(self.read(shard, key, "offsets.npy")), allow_pickle=False)
+            tokens, offsets = (np.load(io.BytesIO(b), allow_pickle=False)
+                               for b in self._read_members(shard, key, ("tokens.npy", "offsets.npy")))
         except (ValueError, KeyError) as e:
-            raise ArpipeError(f"{self.dir / shard}: cannot read chunk {key}: {e}") from None
+            raise ArpipeError(f"{self.dir}/{shard}: cannot read chunk {key}: {e}") from None
         return tokens, offsets
 
 

@@ -36,7 +36,7 @@ def run_eval(model_path: str, data: str, *, split: str = "val", batch_size: int 
     check_ordering(model, shards.manifest["codec"], shards.dir)
     if shards.manifest["codec"] != codec.config():
         raise ArpipeError(f"{data} was tokenised with another codec than the model was trained on "
-                          f"(compare codec in {shards.dir / 'manifest.json'})")
+                          f"(compare codec in {shards.dir}/manifest.json)")
     block_len = meta["shape"][0]  # sequences: the model's context; images: ignored by the codec
     step = meta.get("step", 0)
     LOG.info("eval: %s on %s/%s, %d ranks", model_path, data, split, world)

@@ -31,27 +31,30 @@ def validation_prompts(shards: Shards, split: str, count: int, length: int) -> l
 
 
 def write_samples(model, codec, prompts: list[np.ndarray], directory: Path, *, samples: int,
-                  temperature: float, top_k: int | None, seed: int, prompt_len: int | None = None) -> list[Path]:
+                  temperature: float, top_k: int | None, seed: int, prompt_len: int | None = None,
+                  length: int | None = None, stride: int | None = None) -> list[Path]:
     """Unconditional samples and completions of each prompt (validation items in the data's
     ordering) given its first `prompt_len` variables (default: the shortest prompt's length)
-    in the model's ordering, as the codec's files."""
+    in the model's ordering, as the codec's files. Samples and completions are `length`
+    variables long (default: the model's shape; longer: see ARModel.sample and `stride`)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.eval()  # a model with its own ordering takes a prefix in its eval ordering
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     files = []
     if samples:
-        rows = model.to_data(model.sample(samples, temperature=temperature, top_k=top_k, generator=generator))
+        rows = model.to_data(model.sample(samples, length=length, stride=stride, temperature=temperature,
+                                          top_k=top_k, generator=generator))
         files += codec.write_samples(rows.cpu().numpy(), directory, "samples")
     if prompts:
-        length = prompt_len or min(len(p) for p in prompts)
+        prompt_len = prompt_len or min(len(p) for p in prompts)
         if not model.orders_variables:
-            prefix = torch.from_numpy(np.stack([p[:length] for p in prompts]))
-            rows = model.to_data(model.sample(len(prompts), prefix=prefix, temperature=temperature, top_k=top_k,
-                                              generator=generator))
-            files += codec.write_samples(rows.cpu().numpy(), directory, "completions", prefix_len=length)
+            prefix = torch.from_numpy(np.stack([p[:prompt_len] for p in prompts]))
+            rows = model.to_data(model.sample(len(prompts), length=length, stride=stride, prefix=prefix,
+                                              temperature=temperature, top_k=top_k, generator=generator))
+            files += codec.write_samples(rows.cpu().numpy(), directory, "completions", prefix_len=prompt_len)
         else:
-            rows, given = complete_in_model_order(model, prompts, length, temperature=temperature, top_k=top_k,
-                                                  generator=generator)
+            rows, given = complete_in_model_order(model, prompts, prompt_len, temperature=temperature, top_k=top_k,
+                                                  generator=generator)  # whole items: its shape
             files += codec.write_samples(rows.cpu().numpy(), directory, "completions", given=given.cpu().numpy())
     return files
 
@@ -74,9 +77,11 @@ def complete_in_model_order(model, items: list[np.ndarray], length: int, **sampl
 
 
 def sample_text(model_path: str, n: int, prompt: str | None, temperature: float, top_k: int | None,
-                seed: int, out: str | None) -> list[Path]:
-    """`arpipe sample`: n samples from a model, continuing `prompt` (text) if given, written
-    by the codec into `out` (text is also printed)."""
+                seed: int, out: str | None, length: int | None = None, stride: int | None = None,
+                modality: str | None = None) -> list[Path]:
+    """`arpipe sample`: n samples of `length` variables (default: the model's shape) from a model,
+    continuing `prompt` (text, or a sound file) if given, or items of `modality` from a
+    multimodal model, written by the codec into `out` (text is also printed)."""
     import tempfile
 
     from pipeline.export import load_any
@@ -85,12 +90,21 @@ def sample_text(model_path: str, n: int, prompt: str | None, temperature: float,
     if prompt and not hasattr(codec, "encode"):
         raise ArpipeError(f"--prompt cannot be encoded for {codec.modality} data; "
                           f"`arpipe eval` writes completions of validation items")
+    if modality and not hasattr(codec, "opener"):
+        raise ArpipeError(f"--modality needs a multimodal model (trained on `arpipe shard multi` shards); "
+                          f"{model_path} models {codec.modality} alone")
+    if modality and prompt and modality != "text":
+        raise ArpipeError("--prompt is text: it cannot open an item of --modality " + modality)
     generator = torch.Generator().manual_seed(seed)
     prefix = torch.from_numpy(codec.encode(prompt).astype(np.int64))[None] if prompt else None
-    if prefix is not None and prefix.shape[1] >= model.num_vars:
-        raise ArpipeError(f"--prompt is {prefix.shape[1]} tokens; the model generates {model.num_vars} "
-                          f"in all, so a prompt must be shorter")
-    rows = model.to_data(model.sample(n, prefix=prefix, temperature=temperature, top_k=top_k, generator=generator))
+    if modality and prefix is None:  # the modality's opening token
+        prefix = torch.tensor([[codec.opener(modality)]])
+    length = length or model.num_vars
+    if prefix is not None and prefix.shape[1] >= length:
+        raise ArpipeError(f"--prompt is {prefix.shape[1]} tokens; a sample is {length} in all (--length), "
+                          f"so a prompt must be shorter")
+    rows = model.to_data(model.sample(n, length=length, stride=stride, prefix=prefix, temperature=temperature,
+                                      top_k=top_k, generator=generator))
     directory = Path(out or tempfile.mkdtemp(prefix="arpipe-samples-"))
     directory.mkdir(parents=True, exist_ok=True)
     return codec.write_samples(rows.numpy(), directory, "samples", prefix_len=0 if prefix is None else prefix.shape[1])

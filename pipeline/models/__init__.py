@@ -6,13 +6,14 @@ from pipeline import ArpipeError
 from pipeline.models.base import ARModel
 from pipeline.models.fvsbn import FVSBN
 from pipeline.models.gpt import GPT
+from pipeline.models.llama import Llama
 from pipeline.models.made import MADE
 from pipeline.models.nade import NADE
 from pipeline.models.pixelcnn import PixelCNN
 from pipeline.models.rnn import GRU
 from pipeline.models.wavenet import WaveNet
 
-MODELS: dict[str, type[ARModel]] = {"gpt": GPT, "wavenet": WaveNet, "gru": GRU, "pixelcnn": PixelCNN,
+MODELS: dict[str, type[ARModel]] = {"gpt": GPT, "llama": Llama, "wavenet": WaveNet, "gru": GRU, "pixelcnn": PixelCNN,
                                     "fvsbn": FVSBN, "nade": NADE, "made": MADE}
 
 

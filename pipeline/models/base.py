@@ -6,13 +6,20 @@ has shape (batch, *shape) and holds token ids.
 - `forward(x)` -> logits (batch, *shape, vocab): teacher forcing. The logits at variable i
   parameterise p(x_i | x_<i) for *every* i; the model supplies the first one's context itself
   (a learned start vector), so no BOS token is spent from the vocabulary or the data.
+  Families implement `logits(x)`, which `forward` calls.
+- `forward(x, loss=True)` -> the mean NLL in nats over the batch's variables (fp32): the
+  training loss, through the same call as the logits, so DeepSpeed's engine (ZeRO-3 gathers
+  parameters in module hooks) runs it. The default is the cross-entropy of `logits`; models with
+  a vocabulary head (GPT, Llama) never hold the (batch, T, vocab) logits in fp32 (models/loss.py).
 - `log_prob(x)` -> (batch,) exact log-likelihood in nats.
-- `sample(n, prefix=..., temperature=..., top_k=..., generator=...)` draws one variable at a
-  time; `prefix` fixes the first variables in the ordering.
+- `sample(n, length=..., prefix=..., temperature=..., top_k=..., generator=...)` draws one
+  variable at a time; `prefix` fixes the first variables in the ordering; `length` goes beyond
+  the model's shape where the family can (see `long_samples`).
 
 Incremental sampling goes through `start(n)` and `step(cache, tokens)`. The defaults here
 recompute the full forward pass at every step (the reference the fast paths are tested
-against); models override them with a KV cache, a recurrent state or activation queues.
+against); models override them with a KV cache, a recurrent state, activation queues or running
+sums (PixelCNN keeps the default: see pixelcnn.py).
 """
 
 import math
@@ -20,6 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline import ArpipeError
 
 
 class ARModel(nn.Module):
@@ -33,15 +43,47 @@ class ARModel(nn.Module):
     # True for models that use each weight once per item rather than once per variable (the
     # dense classic models: FVSBN, NADE, MADE); train_flops_per_variable divides by D.
     weights_used_once_per_item: bool = False
+    # How a 1-D model samples beyond its shape: "native" (a state that runs for ever: WaveNet's
+    # queues, GRU's hidden state), "window" (a context of num_vars positions, re-primed with the
+    # last num_vars - stride variables when full: GPT, Llama) or None (a fixed shape).
+    long_samples: str | None = None
+    # True for families whose blocks (run through `run_block`) activation checkpointing may
+    # recompute (train.activation_checkpointing); the others have nothing worth recomputing.
+    checkpointable: bool = False
 
     def __init__(self, vocab_size: int, shape: tuple[int, ...]):
         super().__init__()
         self.vocab_size = vocab_size
         self.shape = tuple(shape)
         self.num_vars = math.prod(self.shape)
+        self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loss: bool = False) -> torch.Tensor:
+        """Logits (batch, *shape, vocab) of every conditional; with loss=True the mean NLL in
+        nats of the batch's variables, the training loss."""
+        return self.mean_nll(x) if loss else self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def mean_nll(self, x: torch.Tensor) -> torch.Tensor:
+        # to_sequence after the logits: a model that draws its ordering per forward (MADE) has it now
+        logits = self.to_sequence(self.logits(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), self.to_sequence(x).flatten())
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (torch.utils.checkpoint, non-reentrant; the RNG state is restored, so dropout repeats)."""
+        if on and not self.checkpointable:
+            raise ArpipeError(f"train.activation_checkpointing: {type(self).__name__} has no blocks whose "
+                              f"activations are worth recomputing; set it to false")
+        self.activation_checkpointing = on
+
+    def run_block(self, block, *args):
+        """block(*args): a module or a function of modules, checkpointed when that is on."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def summary(self) -> dict:
         """Derived facts worth logging with the run (e.g. a receptive field); values are scalars."""
@@ -110,32 +152,55 @@ class ARModel(nn.Module):
         return logits[:, cache["length"]]
 
     @torch.no_grad()
-    def sample(self, n: int, *, prefix: torch.Tensor | None = None, temperature: float = 1.0,
-               top_k: int | None = None, generator: torch.Generator | None = None,
-               cached: bool = True) -> torch.Tensor:
-        """n samples of shape (n, *shape). `prefix` (n, P) or (P,) fixes variables 0..P-1 in the
-        ordering. `cached=False` uses the full-recompute path (for tests and benchmarks)."""
+    def sample(self, n: int, *, length: int | None = None, stride: int | None = None,
+               prefix: torch.Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
+               generator: torch.Generator | None = None, cached: bool = True) -> torch.Tensor:
+        """n samples of shape (n, *shape), or (n, length) for a 1-D model given a `length`.
+        `prefix` (n, P) or (P,) fixes variables 0..P-1 in the ordering. `cached=False` uses the
+        full-recompute path (for tests and benchmarks).
+
+        Beyond num_vars a "window" model (see `long_samples`) draws variable i from its context
+        window: the first num_vars variables from the first window, then from windows that start
+        every `stride` variables (default num_vars // 2), each re-primed with the last
+        num_vars - stride variables at positions 1.. after the start vector, as in training. So
+        every variable sees at least num_vars - stride earlier ones and positions stay below
+        num_vars: exactly the conditionals that sliding-window evaluation with this stride scores."""
+        length = self.num_vars if length is None else length
+        T = self.num_vars
+        if length != T and (self.long_samples is None or len(self.shape) != 1):
+            raise ArpipeError(f"{type(self).__name__} samples exactly its shape {self.shape} ({T} variables), not "
+                              f"{length}; longer samples need a sequence model (gpt, llama: a sliding "
+                              f"window; wavenet, gru: natively)")
+        stride = max(1, T // 2) if stride is None else stride
+        if not 1 <= stride <= T:
+            raise ArpipeError(f"stride {stride} must lie in 1..{T} (the model's context)")
+        if not cached and length > T and self.long_samples != "window":
+            raise ValueError("the full-recompute path runs within the model's shape; build the model with "
+                             f"shape ({length},) to recompute a sample of {length}")
         start, step = (self.start, self.step) if cached else (self._recompute_start, self._recompute_step)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        out = torch.zeros(n, self.num_vars, dtype=torch.long, device=device)
-        cache, logits = start(n)
+        out = torch.zeros(n, length, dtype=torch.long, device=device)
         p = 0
         if prefix is not None:
             prefix = torch.as_tensor(prefix, device=device).long().expand(n, -1)
             p = prefix.shape[1]
-            if p > self.num_vars:
-                raise ValueError(f"prefix of {p} variables is longer than the model's {self.num_vars}")
+            if p > length:
+                raise ValueError(f"prefix of {p} variables is longer than the {length} to sample")
             out[:, :p] = prefix
-            if 0 < p < self.num_vars:
-                logits = step(cache, prefix)
-        for i in range(p, self.num_vars):
+        window, fed = 0, 0  # the current window's first variable; variables [window, fed) are in the cache
+        cache = logits = None
+        for i in range(p, length):
+            first = 0 if self.long_samples != "window" or i < T else (i - T + stride) // stride * stride
+            if cache is None or first != window:  # a new window: the start vector, then its first variables
+                (cache, logits), window, fed = start(n), first, first
+            if fed < i:
+                logits = step(cache, out[:, fed:i])
+                fed = i
             out[:, i] = draw(logits, temperature, top_k, generator)
-            if i + 1 < self.num_vars:
-                logits = step(cache, out[:, i : i + 1])
         self.train(was_training)
-        return self.from_sequence(out)
+        return self.from_sequence(out) if length == T else out
 
 
 def draw(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -61,7 +61,7 @@ class FVSBN(ARModel):
         # row (i, v) reads column (j, u) only for j < i: strictly lower block-triangular
         self.register_buffer("mask", var[:, None] > var[None, :], persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         h = one_hot(x, self.vocab_size, self.weight.dtype)
         out = F.linear(h, self.weight * self.mask, self.bias)
         return out.view(x.shape[0], *self.shape, self.vocab_size)

@@ -3,7 +3,8 @@
 Pre-LayerNorm blocks, learned positions, GELU MLP, tied input/output embeddings, GPT-2's
 initialisation (residual projections scaled by 1/sqrt(2·layers)). Position p's input is the
 embedding of x_{p-1} and position 0's is a learned start vector, so logits at p give
-p(x_p | x_<p) for every p.
+p(x_p | x_<p) for every p. The learned positions end at the training context: samples longer
+than that slide a window (base.py's `sample`).
 """
 
 import math
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pipeline.models.base import ARModel
+from pipeline.models.loss import VocabHead
 
 
 class GPTConfig(BaseModel):
@@ -65,6 +67,8 @@ class Block(nn.Module):
 
 class GPT(ARModel):
     Config = GPTConfig
+    long_samples = "window"
+    checkpointable = True
 
     def __init__(self, cfg: GPTConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)
@@ -78,7 +82,7 @@ class GPT(ARModel):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head = VocabHead(cfg.d_model, vocab_size)
         self.head.weight = self.wte.weight
         self.apply(self._init)
         for name, p in self.named_parameters():
@@ -100,16 +104,23 @@ class GPT(ARModel):
             nn.init.zeros_(module.bias)
 
     def _run(self, h: torch.Tensor, positions: torch.Tensor, caches=None) -> torch.Tensor:
+        """The final hidden states (after ln_f) of inputs h at `positions`."""
         h = self.drop(h + self.wpe(positions))
         for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i])
-        return self.head(self.ln_f(h))
+            h = self.run_block(block, h) if caches is None else block(h, caches[i])
+        return self.ln_f(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.to_sequence(x)
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape
         h = torch.cat([self.start_vector.expand(B, 1, -1), self.wte(x[:, :-1])], dim=1)
-        return self.from_sequence(self._run(h, torch.arange(T, device=x.device)))
+        return self._run(h, torch.arange(T, device=x.device))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_sequence(self.head(self._hidden(self.to_sequence(x))))
+
+    def mean_nll(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.to_sequence(x)
+        return self.head(self._hidden(x).flatten(0, 1), x.flatten())
 
     def start(self, n: int):
         p = self.start_vector
@@ -123,8 +134,8 @@ class GPT(ARModel):
 
     def _advance(self, cache: dict, h: torch.Tensor) -> torch.Tensor:
         start, T = cache["length"], h.shape[1]
-        logits = self._run(h, torch.arange(start, start + T, device=h.device), cache["layers"])
+        hidden = self._run(h, torch.arange(start, start + T, device=h.device), cache["layers"])
         cache["length"] += T
         for layer in cache["layers"]:
             layer["length"] = cache["length"]
-        return logits[:, -1]
+        return self.head(hidden[:, -1])

@@ -19,13 +19,19 @@ evaluates identically. It orders its variables itself: to_sequence/from_sequence
 State. In training mode every forward draws the current ordering, one of the K
 (`train_orderings: fixed`) or a fresh random permutation with new masks (`random`), from
 torch's global RNG (which the trainer seeds and checkpoints), and keeps it until the next
-forward: the trainer's `to_sequence(engine(inputs))` and `to_sequence(inputs)` right after the
-forward use the ordering the logits were computed in. Entering eval mode makes o_0 current.
+forward: the training loss (base.py's `mean_nll`, through `forward(x, loss=True)`) reads the
+logits and targets through to_sequence in the ordering the logits were computed in. Entering
+eval mode makes o_0 current.
 
 Direct (`direct: true`): masked input->output weights added to the MLP's output, as in the
 deep AR networks MADE descends from. The MLP reaches the variable just before o_j only through
 hidden units of degree exactly j-1, about one unit when H < D; on textured images the linear
 path to every earlier pixel is worth many nats (see the classic-models table in the README).
+
+Sampling in the current ordering is incremental: the first layer's pre-activations are a sum
+over the given variables' columns, so each new variable adds one column (O(H_1)) and only the
+next variable's output rows are computed from the upper layers (O(H·H + H_L·V)), instead of the
+whole masked MLP per variable; direct weights keep running sums for every output, as FVSBN's.
 
 Eval mode is the ensemble (K > 1): log p(x) = log((1/K) Σ_k p_{o_k}(x)), a log-sum-exp over the
 members' exact log-likelihoods (a true mixture, never an average of logits). It is no single
@@ -37,6 +43,7 @@ mixture's conditional intractable, so completions come from member 0.
 """
 
 import math
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
@@ -111,7 +118,7 @@ class MADE(ARModel):
             masks.append((rank[:, None] > rank[None, :]).repeat_interleave(V, 0).repeat_interleave(V, 1))
         return masks
 
-    def logits(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def logits_in(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Logits (B, *shape, V) of every conditional under ordering `order`, in the layout."""
         inputs = h = one_hot(x, self.vocab_size, self.layers[0].weight.dtype)
         masks = self.masks(order.to(x.device))
@@ -121,13 +128,13 @@ class MADE(ARModel):
             h = h + self.direct(inputs, masks[-1])
         return h.view(x.shape[0], *self.shape, self.vocab_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             if self.cfg.train_orderings == "random":
                 self.order = torch.randperm(self.num_vars)
             else:
                 self.order = self.orderings[torch.randint(len(self.orderings), ()).item()]
-        return self.logits(x, self.order)
+        return self.logits_in(x, self.order)
 
     # --- the ordering: data rows are a plain layout; the sequence is the layout permuted by o
     def to_sequence(self, t: torch.Tensor) -> torch.Tensor:
@@ -142,12 +149,68 @@ class MADE(ARModel):
     def to_data(self, x: torch.Tensor) -> torch.Tensor:
         return ARModel.to_sequence(self, x)
 
+    # --- completing data: an ordering that puts the given variables first
+    def ordering_with_first(self, first: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+        """An ordering whose first variables are exactly those marked in `first` ((D,) bool over
+        the layout) and what it is: one of the K orderings whose start they are, else for a model
+        trained order-agnostically on random orderings (whose masks were trained for any
+        ordering) the marked variables, then the others, each in layout order. None if neither."""
+        first = first.to(self.orderings.device)
+        n = int(first.sum())
+        for k, order in enumerate(self.orderings):
+            if first[order[:n]].all():
+                return order, f"its ordering {k} of {len(self.orderings)}"
+        if self.cfg.train_orderings == "random":
+            order = torch.cat([first.nonzero()[:, 0], (~first).nonzero()[:, 0]])
+            return order, "a new ordering with the given variables first (the model was trained on random orderings)"
+        return None
+
+    @contextmanager
+    def in_order(self, order: torch.Tensor):
+        """Run (eval mode: forward, to_sequence, sample with a prefix) in `order`; o_0 after."""
+        self.order = order.to(self.orderings.device)
+        try:
+            yield self
+        finally:
+            self.order = self.orderings[0]
+    # --- incremental sampling in the current ordering (see "Sampling" above)
+    def start(self, n: int):
+        order = self.order.to(self.orderings.device)
+        masks = self.masks(order)
+        weights = [layer.weight * mask for layer, mask in zip(self.layers, masks)]
+        cache = {"order": order, "weights": weights, "length": 0,
+                 "a": self.layers[0].bias.expand(n, -1).clone()}  # the first layer's pre-activations: nothing given yet
+        if self.direct is not None:
+            cache["direct"] = self.direct.weight * masks[-1]
+            cache["sums"] = cache["direct"].new_zeros(n, self.num_vars * self.vocab_size)
+        return cache, self._next_logits(cache)
+
+    def step(self, cache: dict, tokens: torch.Tensor) -> torch.Tensor:
+        V = self.vocab_size
+        for t in tokens.unbind(1):  # variable o_length takes value t: add its one-hot column
+            column = cache["order"][cache["length"]] * V + t
+            cache["a"] += cache["weights"][0][:, column].T
+            if self.direct is not None:
+                cache["sums"] += cache["direct"][:, column].T
+            cache["length"] += 1
+        return self._next_logits(cache)
+
+    def _next_logits(self, cache: dict) -> torch.Tensor:
+        """Logits (n, V) of variable o_length from the cache."""
+        h = cache["a"]
+        for layer, weight in zip(self.layers[1:-1], cache["weights"][1:-1]):
+            h = F.linear(F.relu(h), weight, layer.bias)
+        V, var = self.vocab_size, cache["order"][cache["length"]].item()
+        rows = slice(var * V, (var + 1) * V)
+        logits = F.linear(F.relu(h), cache["weights"][-1][rows], self.layers[-1].bias[rows])
+        return logits + cache["sums"][:, rows] if self.direct is not None else logits
+
     # --- the ensemble
     def member_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(K, batch) float64: log p_{o_k}(x) of every member, each an exact product of conditionals."""
         out = []
         for order in self.orderings:
-            logp = torch.log_softmax(self.logits(x, order).float(), -1).gather(-1, x[..., None])
+            logp = torch.log_softmax(self.logits_in(x, order).float(), -1).gather(-1, x[..., None])
             out.append(logp.flatten(1).sum(1, dtype=torch.float64))
         return torch.stack(out)
 

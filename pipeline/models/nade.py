@@ -40,7 +40,7 @@ class NADE(ARModel):
         self.V = nn.Parameter(torch.randn(D, V, H) / H**0.5)
         self.b = nn.Parameter(torch.zeros(D, V))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.vocab_size)
         # a_i = c + Σ_{j<i} W_j[x_j] is a prefix sum of the rows W_{i-1}[x_{i-1}] (a zero row for
         # i = 0): shifting the small table and the tokens, not the (B, D, H) sums, saves a copy

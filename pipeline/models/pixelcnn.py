@@ -22,8 +22,15 @@ the channels before c of pixel (y, x) itself.
 
 Inputs are the tokens scaled to [-1, 1], one feature per channel: neighbouring levels are
 similar intensities, which a scaled input tells the first layer for free (an embedding would
-have to learn it, slowly for 256 levels). Sampling uses the base class's full recompute: one
-forward pass per sub-pixel.
+have to learn it, slowly for 256 levels).
+
+Sampling uses the base class's full recompute: one forward pass per sub-pixel, O(D) passes for
+D sub-pixels. There is no incremental path: a cache would have to keep every layer's
+activations per row and update, per new sub-pixel, the parts of every later layer whose
+receptive field holds it, in a schedule that follows the kernels and the vertical stack's
+shift (Ramachandran et al., 2017, "Fast Generation for Convolutional Autoregressive Models").
+So the contract tests check its cached-vs-full sampling not at all (they would compare the
+recompute with itself). Activation checkpointing recomputes each layer (gated: both stacks).
 """
 
 from typing import Literal
@@ -115,6 +122,7 @@ def gate(t: torch.Tensor) -> torch.Tensor:
 
 class PixelCNN(ARModel):
     Config = PixelCNNConfig
+    checkpointable = True
     required_ordering = "raster"  # the ordering its masks implement; the trainer and eval check the data's
 
     def __init__(self, cfg: PixelCNNConfig, vocab_size: int, shape: tuple[int, ...]):
@@ -146,24 +154,24 @@ class PixelCNN(ARModel):
         # pixel holds C variables
         return 6.0 * sum(p.numel() for p in self.parameters()) / self.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         # from_sequence gives channels-last strides (ambiguous ones when C = 1, which .contiguous()
         # keeps), and convolutions and activations round differently per memory format: the same
         # pixels would get logits that differ in the last bit. A fresh standard layout avoids it.
         u = x.to(torch.float32, memory_format=torch.contiguous_format) * (2 / (self.vocab_size - 1)) - 1
-        return self.logits(u.to(self.head[-1].weight.dtype))  # bfloat16 when DeepSpeed trains in bf16
+        return self.scaled_logits(u.to(self.head[-1].weight.dtype))  # bfloat16 when DeepSpeed trains in bf16
 
-    def logits(self, u: torch.Tensor) -> torch.Tensor:
+    def scaled_logits(self, u: torch.Tensor) -> torch.Tensor:
         """Logits (B, C, H, W, vocab) from the scaled input u (B, C, H, W); differentiable in u,
         which the causality tests use."""
         if self.cfg.gated:
             v = h = u
             for layer in self.layers:
-                v, h = layer(v, h)
+                v, h = self.run_block(layer, v, h)
         else:
             h = self.layers[0](u)
             for layer in self.layers[1:]:
-                h = h + layer(F.relu(h))
+                h = self.run_block(lambda h, layer=layer: h + layer(F.relu(h)), h)
         B, _, H, W = u.shape
         out = self.head(h).view(B, self.colours, self.vocab_size, H, W)
         return out.permute(0, 1, 3, 4, 2)

@@ -24,6 +24,7 @@ class GRUConfig(BaseModel):
 
 class GRU(ARModel):
     Config = GRUConfig
+    long_samples = "native"
 
     def __init__(self, cfg: GRUConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)
@@ -34,7 +35,7 @@ class GRU(ARModel):
                           dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)  # torch warns on 1 layer
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.to_sequence(x)
         h = torch.cat([self.start_vector.expand(x.shape[0], 1, -1), self.embed(x[:, :-1])], 1)
         out, _ = self.rnn(h)

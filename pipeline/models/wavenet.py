@@ -53,6 +53,8 @@ class GatedLayer(nn.Module):
 
 class WaveNet(ARModel):
     Config = WaveNetConfig
+    long_samples = "native"
+    checkpointable = True
 
     def __init__(self, cfg: WaveNetConfig, vocab_size: int, shape: tuple[int, ...]):
         super().__init__(vocab_size, shape)
@@ -68,16 +70,20 @@ class WaveNet(ARModel):
     def summary(self) -> dict:
         return {"receptive_field": self.receptive_field}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.to_sequence(x)
-        B, T = x.shape
+        B = x.shape[0]
         h = torch.cat([self.start_vector.expand(B, 1, -1), self.embed(x[:, :-1])], 1)  # (B, T, channels)
         skips = 0
         for layer in self.layers:
-            past = F.pad(h, (0, 0, layer.dilation, 0))[:, :T]  # h shifted by d; zeros before the start
-            h, skip = layer(past, h)
+            h, skip = self.run_block(self._full_pass_layer, layer, h)
             skips = skips + skip
         return self.from_sequence(self.head(skips))
+
+    @staticmethod
+    def _full_pass_layer(layer: GatedLayer, h: torch.Tensor):
+        past = F.pad(h, (0, 0, layer.dilation, 0))[:, : h.shape[1]]  # h shifted by d; zeros before the start
+        return layer(past, h)
 
     # Fast generation: cache = one queue (dilation, n, channels) per layer and the time t.
     # Slot t % d of a layer's queue holds its input at time t - d until time t overwrites it;

@@ -15,7 +15,6 @@ every rank alike, whether the update is applied or the whole step is skipped (a 
 on any rank) and whether to stop for a signal.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from pipeline import ArpipeError, __version__
@@ -146,6 +144,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, self.codec.vocab_size, self.shape)
         check_ordering(self.model, self.shards.manifest["codec"], self.shards.dir)
+        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # models: per block
         seed_rank(cfg.seed, self.rank)
         # torch's AdamW (no JIT build, bitwise resume); the fused CUDA kernel on GPUs, where the
         # per-tensor loop made the optimizer step dominate a 124M GPT's step (benchmarks/RESULTS.md)
@@ -155,6 +154,10 @@ class Trainer:
         self.ds_config = deepspeed_config(cfg, self.world)
         self.checkpoints = Checkpoints(self.out / "checkpoints", self.rank, cfg.train.keep_last)
         saved = self.checkpoints.saved_state()
+        if cfg.train.init_from and not saved:  # a resumed run continues from its checkpoint instead
+            from pipeline.hf import warm_start
+
+            warm_start(self.model, cfg.model, cfg.train.init_from, self.codec)
         # ZeRO partitions are per rank: another world size loads through a universal checkpoint
         universal = bool(saved) and saved["world_size"] != self.world and cfg.train.zero_stage > 0
         if universal:
@@ -206,15 +209,15 @@ class Trainer:
             tracker.log_params(cfg.model_dump())
             tracker.log_artifact(self.out / "config.yaml")
             tracker.log_artifact(self.out / "deepspeed.json")
-            tracker.log_artifact(shards.dir / "manifest.json")
+            tracker.log_artifact(shards.meta_dir / "manifest.json")
         n_params = sum(p.numel() for p in self.model.parameters())
         summary = self.model.summary()
         tracker.set_tags({"world_size": self.world, "arpipe_version": __version__, "git_commit": git_commit(),
                           "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision,
-                          "parameters": n_params, "modality": self.codec.modality, "data": str(shards.dir),
+                          "parameters": n_params, "modality": self.codec.modality, "data": shards.dir,
                           "nodes": os.environ.get("SLURM_JOB_NODELIST", os.uname().nodename),
                           "tokenizer_sha256": shards.manifest["codec"].get("tokenizer_sha256", ""),
-                          "manifest_sha256": hashlib.sha256((shards.dir / "manifest.json").read_bytes()).hexdigest(),
+                          "manifest_sha256": shards.manifest_sha256,
                           "codec": json.dumps(shards.manifest["codec"]),
                           "deepspeed_config": json.dumps(self.ds_config), **summary})
         LOG.info("model %s: %.2fM parameters, shape %s, vocab %d%s; %d ranks, ZeRO-%d, %s; MLflow run %s",
@@ -258,8 +261,9 @@ class Trainer:
         for micro in range(cfg.train.grad_accum):
             x = next(self.batches).to(engine.device, non_blocking=True)  # (batch, variables in the data's ordering)
             inputs = model.from_data(x)
-            logits = model.to_sequence(engine(inputs))  # (batch, variables in the model's ordering, vocab)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), model.to_sequence(inputs).flatten())
+            # the mean NLL through the engine (ZeRO-3 gathers in module hooks); models/base.py's
+            # forward(x, loss=True): no fp32 logits of the whole batch for vocabulary heads
+            loss = engine(inputs, loss=True)
             if (self.rank, self.batches.consumed) in cfg.train.inject_nonfinite:
                 loss = loss * float("nan")
             bad = ~torch.isfinite(loss.detach())
@@ -339,7 +343,7 @@ class Trainer:
         self.tracker.flush()  # first, so metrics up to a checkpoint are as durable as the checkpoint
         rank_state = {"data": self.batches.state_dict(), "rng": rng_state()}
         shared = {"run_id": self.tracker.run_id, "model": self.cfg.model, "vocab_size": self.codec.vocab_size,
-                  "shape": list(self.shape), "data": str(self.shards.dir), "config": self.cfg.model_dump()}
+                  "shape": list(self.shape), "data": self.shards.dir, "config": self.cfg.model_dump()}
         self.checkpoints.save(self.engine, self.step, rank_state, shared)
 
     def evaluate(self) -> dict:
@@ -374,9 +378,9 @@ class Trainer:
         state_dict = full_fp32_state(self.engine.module)
         if self.rank == 0:
             export = save_export(self.out / "export", state_dict, cfg.model, self.codec.vocab_size, self.shape,
-                                 self.shards.manifest["codec"], self.shards.dir,
+                                 self.shards.manifest["codec"], self.shards.meta_dir,
                                  {"step": self.step, "run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
-                                  "data": str(self.shards.dir.absolute()), "block_len": cfg.data.block_len})
+                                  "data": self.shards.dir, "block_len": cfg.data.block_len})
             LOG.info("exported %s; MLflow: %s", export, ui_command(self.tracker.uri))
             self.tracker.close("FINISHED")
         dist.barrier()

@@ -82,6 +82,11 @@ def rewrite_first_chunk(directory, member_name=None, tokens=None):
                 data = tokens
                 m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
+    with tarfile.open(path) as tar:  # where the manifest says each member's bytes are
+        ranges = {m.name: [m.offset_data, m.size] for m in tar.getmembers()}
+    for chunk in entry["chunks"]:
+        chunk["members"] = {ext: ranges.get(f"{chunk['key']}.{ext}", r) for ext, r in chunk["members"].items()}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     return entry
 
 

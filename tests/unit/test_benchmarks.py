@@ -15,6 +15,9 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "trainer": [],
     "sampling": [],
     "gpu": ["--cases", "gpt-bare", "pixelcnn"],
+    "compress": [],
+    "loss_memory": [],
+    "s3": [],
     "shakespeare": [],
 }
 

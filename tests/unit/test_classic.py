@@ -57,6 +57,24 @@ def connectivity(model, order) -> torch.Tensor:
     return ((paths + direct).view(D, V, D, V) > 0).any(3).any(1)
 
 
+def reachable_by_the_degree_rule(D: int, hidden: list[int], order: torch.Tensor) -> torch.Tensor:
+    """(D, D) bool from MADE's rule alone (Germain et al., 2015): hidden unit k of a layer of width
+    H has degree ⌊k·(D−1)/H⌋; input d' reaches output d iff degrees r(d') ≤ m_1 ≤ … ≤ m_L < r(d)
+    exist among the layers' units. The smallest admissible degree in each layer decides."""
+    rank = torch.argsort(order).tolist()
+    layers = [sorted({k * (D - 1) // width for k in range(width)}) for width in hidden]
+    reach = torch.zeros(D, D, dtype=torch.bool)
+    for source in range(D):
+        m = rank[source]
+        for degrees in layers:
+            m = next((d for d in degrees if d >= m), None)
+            if m is None:
+                break
+        for target in range(D):
+            reach[target, source] = m is not None and m < rank[target]
+    return reach
+
+
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("hidden", [[40], [40, 30], [13, 40, 25, 13], [3], [5, 2]])
 @pytest.mark.parametrize("trial", range(3))
@@ -67,11 +85,11 @@ def test_made_masks_connect_each_output_exactly_to_the_variables_before_it(hidde
     rank = torch.argsort(order)
     allowed = rank[None, :] < rank[:, None]  # [d, d']: d' comes before d in the ordering
     reach = connectivity(model, order)
-    assert not (reach & ~allowed).any(), "an output sees its own or a later variable"
-    if direct or min(hidden) >= D - 1:  # every earlier variable is reachable
-        assert torch.equal(reach, allowed)
-    else:
-        assert reach.any()
+    expected = allowed if direct else reachable_by_the_degree_rule(D, hidden, order)
+    assert torch.equal(reach, expected)
+    assert not (expected & ~allowed).any(), "the rule itself: an output sees its own or a later variable"
+    if min(hidden) < D - 1 and not direct:  # narrow layers: some earlier variables are out of reach
+        assert (allowed & ~reach).any()
 
 
 @pytest.mark.parametrize("cfg", [{"hidden": [48]}, {"hidden": [32, 32, 32], "orderings": 4, "data_order_first": False},
@@ -84,11 +102,11 @@ def test_made_conditionals_follow_its_ordering(cfg):
     assert torch.equal(model.orderings[0], torch.arange(12)) == model.cfg.data_order_first
     for order in model.orderings:
         with torch.no_grad():
-            base = model.logits(x, order).flatten(1, 3)[0]
+            base = model.logits_in(x, order).flatten(1, 3)[0]
             for j, var in enumerate(order.tolist()):
                 y = x.flatten(1).clone()
                 y[0, var] = (y[0, var] + 1) % 3
-                change = (model.logits(y.view_as(x), order).flatten(1, 3)[0] - base).abs().amax(-1)
+                change = (model.logits_in(y.view_as(x), order).flatten(1, 3)[0] - base).abs().amax(-1)
                 assert change[order[: j + 1]].max() == 0
                 if j + 1 < len(order):
                     assert change[order[j + 1 :]].max() > 0  # masked paths give exactly 0
@@ -130,7 +148,7 @@ def test_training_draws_an_ordering_per_forward_and_to_sequence_keeps_it(mode):
         j = 4
         seq = targets.clone()
         seq[:, j:] = 1 - seq[:, j:]
-        again = model.to_sequence(model.logits(model.from_sequence(seq), model.order))
+        again = model.to_sequence(model.logits_in(model.from_sequence(seq), model.order))
         assert torch.equal(again[:, : j + 1], logits[:, : j + 1]) and not torch.equal(again, logits)
     if mode == "fixed":
         assert seen <= fixed and len(seen) > 1

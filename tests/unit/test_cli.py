@@ -9,6 +9,8 @@ from tests.conftest import arpipe
     (["eval", "--model", "/nonexistent", "--data", "/nonexistent"], "/nonexistent is neither an export nor"),
     (["train", "--config", "configs/demo.yaml", "train.stepz=3"], "command line: train.stepz: Extra inputs"),
     (["train", "--config", "configs/demo.yaml", "data.path=/nonexistent"], "/nonexistent/manifest.json not found"),
+    (["decompress", "README.md", "--model", "/nonexistent", "--out", "x"], "README.md is not an arpipe compressed file"),
+    (["shard", "multi", "--out", "/tmp/arpipe-never"], "needs at least one of --text, --image, --audio"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = arpipe(*args, check=False)
@@ -29,7 +31,8 @@ def test_task_needs_num_tasks(tmp_path, corpus):
     assert result.returncode == 2 and "--task needs --num-tasks" in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["shard", "text"], ["train"], ["eval"], ["sample"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["shard", "text"], ["shard", "multi"], ["train"], ["eval"], ["sample"],
+                                     ["demo"], ["compress"], ["decompress"], ["complete"]])
 def test_help(command):
     result = arpipe(*command, "--help")
     assert "usage: arpipe" in result.stdout

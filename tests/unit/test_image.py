@@ -195,7 +195,7 @@ def input_gradients(model, output) -> torch.Tensor:
     torch.manual_seed(1)
     u = (torch.randint(0, model.vocab_size, (8, *model.shape)).float() * (2 / (model.vocab_size - 1)) - 1)
     u.requires_grad_()
-    logits = model.logits(u)[(slice(None), *output)]  # (8, vocab); images are independent
+    logits = model.scaled_logits(u)[(slice(None), *output)]  # (8, vocab); images are independent
     (grad,) = torch.autograd.grad((logits @ torch.randn(logits.shape[-1])).sum(), u)
     return grad.abs().sum(0)
 
