@@ -65,8 +65,18 @@ def text_leg(out: Path, configs: Path, steps: int | None) -> tuple[str, dict]:
     run_shard("text", ["--input", *inputs, "--out", str(shards), "--vocab-size", "4096",
                         "--workers", "2", "--chunk-mb", "0.25"])
     result = train_and_eval(configs / "demo.yaml", shards, out / "train", steps, samples=2, prompts=2)
+    return text_summary(result, shards), result
+
+
+def text_summary(result: dict, shards: Path) -> str:
+    """The text leg's figure, and what xz, bzip2 and gzip make of the same validation bytes."""
+    from pipeline.data.shards import Shards
+    from pipeline.eval.baselines import compressor_bits_per_byte, split_text
+
+    compressors = compressor_bits_per_byte(split_text(Shards(shards), "val"))
     return (f"{result['bits_per_byte']:.3f} bits/byte ({result['bits_per_token']:.3f} bits/token over "
-            f"{result['tokens']} tokens; a uniform byte code needs 8)"), result
+            f"{result['tokens']} tokens; a uniform byte code needs 8) — "
+            + ", ".join(f"{name} {bits:.2f}" for name, bits in compressors.items()) + " on the same text")
 
 
 def first_sentence(text: str) -> str | None:

@@ -19,6 +19,7 @@ SCRIPTS = {  # script and the options that keep it to a few seconds
     "compress": [],
     "loss_memory": [],
     "s3": [],
+    "shakespeare": [],
 }
 
 
