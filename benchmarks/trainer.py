@@ -86,7 +86,7 @@ def run_bare(cfg) -> tuple[list[float], list[float]]:
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.optim.lr)
     batches = Batches(TokenStream(shards, "train", cfg.data.block_len, cfg.data.batch_size, seed=cfg.seed,
-                                  shuffle_window=cfg.data.shuffle_window))
+                                  shuffle_window=cfg.data.shuffle_window, shuffle_rows=cfg.data.shuffle_rows))
     model.train()
     stamps, losses = [], []
     for _ in range(cfg.train.steps):

@@ -31,6 +31,7 @@ class DataConfig(Section):
     block_len: int = 256  # variables per training sequence (text: tokens)
     batch_size: int = 16  # sequences per micro-batch per rank
     shuffle_window: int = 8  # chunks whose items are shuffled together
+    shuffle_rows: bool = True  # text: also the blocks packed from a window, so a batch is not one document's
     num_workers: int = 0  # DataLoader worker processes per rank
 
     @model_validator(mode="after")

@@ -14,8 +14,10 @@ on every rank alike, before any collective. A part reads `shuffle_window` chunks
 ranges) at a time, shuffles their items and turns them into fixed-length rows by the codec's
 stream mode:
 
-  pack  (text)   items joined with an EOS token after each, cut into blocks; the tokens left at
-                 a window's end open the next window, so an epoch trains on every token once
+  pack  (text)   items joined with an EOS token after each, cut into blocks, the window's blocks
+                 shuffled (data.shuffle_rows: else a batch of a long document's consecutive
+                 blocks is one correlated sample); the tokens left at a window's end open the
+                 next window, so an epoch trains on every token once
   crop  (audio)  non-overlapping crops of each item from a random offset, shuffled
   item  (images) one row per item
 
@@ -83,7 +85,8 @@ def gather_rows(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarr
 class Source:
     """One shard set of a training stream: the rows each part reads of it, epoch after epoch."""
 
-    def __init__(self, shards: Shards, split: str, block_len: int, *, seed: list[int], shuffle_window: int):
+    def __init__(self, shards: Shards, split: str, block_len: int, *, seed: list[int], shuffle_window: int,
+                 shuffle_rows: bool = True):
         self.dir = shards.dir
         self.split = split
         self.chunks = shards.chunks(split)
@@ -94,6 +97,7 @@ class Source:
         self.block_len = codec.sequence_length(block_len)
         self.seed = seed
         self.window_size = max(1, shuffle_window)
+        self.shuffle_rows = shuffle_rows
         self.sizes = [entry["tokens"] for _, entry in self.chunks]
         self.done = {"epoch": -1, "chunks": []}  # chunks read in `epoch` before a change of world size
 
@@ -165,7 +169,10 @@ class Source:
             packed = pack_items(tokens, starts, lengths, self.eos, ends_item)
             joined = np.concatenate([np.asarray(carry, self.dtype), packed])
             n = len(joined) // T
-            return joined[: n * T].reshape(n, T), joined[n * T :].tolist()
+            rows = joined[: n * T].reshape(n, T)
+            if self.shuffle_rows:  # a batch draws from the whole window, not from one or two long documents
+                rows = rows[rng.permutation(n)]
+            return rows, joined[n * T :].tolist()
         if self.mode == "item":
             if np.any(lengths != T):
                 raise ArpipeError(f"items of {self.dir} are not all {T} tokens long")
@@ -222,15 +229,15 @@ class TokenStream(IterableDataset):
 
     def __init__(self, shards: Shards | list[Shards], split: str, block_len: int, batch_size: int, *, seed: int,
                  weights: list[float] | None = None, rank: int = 0, world: int = 1, num_workers: int = 0,
-                 shuffle_window: int = 8):
+                 shuffle_window: int = 8, shuffle_rows: bool = True):
         sets = shards if isinstance(shards, list) else [shards]
         for other in sets[1:]:
             if other.manifest["codec"] != sets[0].manifest["codec"]:
                 raise ArpipeError(f"{sets[0].dir} and {other.dir} were sharded with different codecs (compare codec in "
                                   f"their manifest.json); a mixture needs one: shard both with the same settings "
                                   f"(text: the same --tokenizer)")
-        self.sources = [Source(s, split, block_len, seed=[seed] if i == 0 else [seed, i], shuffle_window=shuffle_window)
-                        for i, s in enumerate(sets)]
+        self.sources = [Source(s, split, block_len, seed=[seed] if i == 0 else [seed, i], shuffle_window=shuffle_window,
+                               shuffle_rows=shuffle_rows) for i, s in enumerate(sets)]
         weights = weights or [1.0] * len(sets)
         self.weights = [w / sum(weights) for w in weights]
         self.batch_size = batch_size
@@ -303,6 +310,9 @@ class Batches:
         """Resume from every old rank's state: exactly if the number of parts is unchanged,
         else as `TokenStream.continue_from` describes."""
         sources = len(self.stream.sources)
+        if any(isinstance(states, dict) for r in saved for states in r["workers"]):
+            raise ArpipeError("the checkpoint's data stream state comes from an arpipe before mixtures (one state "
+                              "per worker, not one per source): train it on with that version, or start a new out_dir")
         if any(len(states) != sources for r in saved for states in r["workers"]):
             raise ArpipeError(f"the checkpoint's data stream does not have this run's {sources} source(s): resume "
                               f"with the data.path / data.mixture it was trained on, or start a new out_dir")

@@ -166,7 +166,8 @@ class Trainer:
         self.batches = Batches(TokenStream(list(self.sources.values()), "train", cfg.data.block_len,
                                            cfg.data.batch_size, weights=[w for _, _, w in cfg.data.sources()],
                                            seed=cfg.seed, rank=self.rank, world=self.world,
-                                           num_workers=cfg.data.num_workers, shuffle_window=cfg.data.shuffle_window))
+                                           num_workers=cfg.data.num_workers, shuffle_window=cfg.data.shuffle_window,
+                                           shuffle_rows=cfg.data.shuffle_rows))
         self.resumed = self._resume(universal)
         self.tracker = self._start_tracking()
         run_id = [self.tracker.run_id]  # for the other nodes' system metrics

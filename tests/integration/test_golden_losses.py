@@ -1,6 +1,7 @@
 """Golden losses: the training loop's per-step losses on a fixed tiny run, recorded from the
 loop as it was before its rewrite for GPUs (one all-reduce per optimizer step instead of per
-micro-batch), so a change to the loop that changes what it computes fails here.
+micro-batch), so a change to the loop that changes what it computes fails here. The data are
+read as that loop read them (`shuffle_rows: false`: the block shuffle came later).
 
 Regenerate only for a deliberate change of what training computes:
   ARPIPE_WRITE_GOLDEN=1 python -m pytest tests/integration/test_golden_losses.py
@@ -22,7 +23,7 @@ def test_losses_equal_the_recorded_loop(tmp_path, text_shards):
     config = tmp_path / "config.yaml"
     config.write_text(f"""
 out_dir: {tmp_path / 'run'}
-data: {{path: {text_shards}, block_len: 32, batch_size: 4}}
+data: {{path: {text_shards}, block_len: 32, batch_size: 4, shuffle_rows: false}}
 model: {{name: gpt, n_layer: 2, n_head: 2, d_model: 32}}
 optim: {{lr: 3.0e-3, warmup_steps: 5}}
 train: {{steps: 16, grad_accum: 2, log_every: 4, ckpt_every: 1000}}

@@ -102,6 +102,9 @@ def test_a_mixture_continues_on_another_world_size(text_shards, small_shards):
     assert all(next(b).shape == (64, 32) for b in new)
     with pytest.raises(ArpipeError, match="does not have this run's 1 source"):
         Batches(TokenStream(Shards(text_shards), "train", 32, 8, seed=0)).load_state_dict(saved, rank=0)
+    before_mixtures = [{**s, "workers": [states[0] for states in s["workers"]]} for s in saved]
+    with pytest.raises(ArpipeError, match="an arpipe before mixtures"):
+        Batches(TokenStream(Shards(text_shards), "train", 32, 8, seed=0)).load_state_dict(before_mixtures, rank=0)
 
 
 def test_sources_must_share_a_codec(tmp_path, text_shards):

@@ -28,11 +28,12 @@ def documents(shards_dir, split="train"):
 
 def epoch_tokens(shards_dir, split, world, workers, block_len=32):
     """Each part's tokens of epoch 0 (rows, then the tokens carried into epoch 1), read through
-    the trainer's path: one Batches per rank, DataLoader workers, one row per batch."""
+    the trainer's path: one Batches per rank, DataLoader workers, one row per batch; blocks in
+    packed order, so documents can be read back (test_shuffled_blocks_… covers the shuffle)."""
     parts = []
     for rank in range(world):
         batches = Batches(stream(shards_dir, split, rank=rank, world=world, num_workers=workers, batch_size=1,
-                                 block_len=block_len))
+                                 block_len=block_len, shuffle_rows=False))
         tokens, carry = [[] for _ in range(max(1, workers))], [None] * max(1, workers)
         while any(c is None for c in carry):
             row = next(batches)
@@ -69,7 +70,7 @@ def test_resume_sees_exactly_the_uninterrupted_data(text_shards, workers):
 
 
 def test_an_epoch_is_every_document_once_each_followed_by_eos(text_shards):
-    s = stream(text_shards, shuffle_window=1000, block_len=16)  # one window holds the whole epoch
+    s = stream(text_shards, shuffle_window=1000, block_len=16, shuffle_rows=False)  # one window: the whole epoch
     source = s.sources[0]
     eos = Shards(text_shards).codec.eos_id
     rows, carry = source._window(Shards(text_shards), 0, 0, 0, source.units(0, 0, 1), [])
@@ -80,6 +81,21 @@ def test_an_epoch_is_every_document_once_each_followed_by_eos(text_shards):
     assert found == sorted(map(tuple, documents(text_shards)))
     blocks = itertools.islice(source.rows(0, 1, initial_state()), len(window) // 16)
     assert np.concatenate([b for b, _ in blocks]).tolist() == window[: len(window) // 16 * 16]
+
+
+def test_shuffled_blocks_are_the_packed_blocks_in_another_order(text_shards):
+    """data.shuffle_rows permutes each window's blocks and nothing else: the same blocks, the same
+    tokens carried into the next window, an order that mixes the window's documents."""
+    shards = Shards(text_shards)
+    shuffled, packed = (stream(text_shards, shuffle_window=2, shuffle_rows=on).sources[0] for on in (True, False))
+    units = packed.units(0, 0, 1)
+    carry = []
+    for window in range(0, len(units), 2):
+        a, carry_a = shuffled._window(shards, 0, window // 2, 0, units[window : window + 2], carry)
+        b, carry_b = packed._window(shards, 0, window // 2, 0, units[window : window + 2], carry)
+        assert carry_a == carry_b and sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+        assert len(a) < 3 or a.tolist() != b.tolist()
+        carry = carry_a
 
 
 def test_ranks_and_workers_together_read_every_document_once_per_epoch(text_shards):
