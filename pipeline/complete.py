@@ -123,7 +123,7 @@ def complete(model_path: str, input_path: str, mask_spec: str, *, samples: int =
                           f"(`arpipe sample --prompt` continues text and sound)")
     path = Path(input_path)
     try:
-        record = next(r for r in read_images(path, path.parent) if r.skip is None)
+        record = next(r for r in read_images(str(path), path.parent) if r.skip is None)  # takes path strings
     except (StopIteration, OSError, ValueError) as e:
         raise ArpipeError(f"--input {path}: no readable image ({e})") from None
     reference = codec.pixels(record.value)

@@ -280,7 +280,7 @@ class ImageFiles:
         from pipeline.codecs.image import read_images, source_shape
 
         c = self.codec
-        records = list(read_images(path, path.parent))
+        records = list(read_images(str(path), path.parent))  # the shard stage's reader takes path strings
         items = []
         for i, record in enumerate(records):
             h, w, _ = source_shape(record.value)
@@ -402,8 +402,9 @@ def compress(model_path: str, inputs: list[str], out: str, *, batch: int = 16, s
     stride = stride or (window // 2 if window else 1)
     if window is not None and not 1 <= stride <= window:
         raise ArpipeError(f"--stride must be in 1..{window} (the model's context), got {stride}")
-    paths = expand_inputs(inputs)
-    root = common_root(paths)
+    found = expand_inputs(inputs)  # path strings, as the shard stage takes them
+    root = common_root(found)
+    paths = [Path(f) for f in found]
     items = []
     for path in paths:
         items += files.read(path, str(path.relative_to(root)) if len(paths) > 1 else path.name)
