@@ -36,6 +36,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The command line; a --tiny run measures once."""
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.repeats = 1
+    return args
+
+
 def work_dir(args) -> Path:
     """--work, or a temporary directory removed at exit (the generated data take ~0.5 GB)."""
     if args.work:

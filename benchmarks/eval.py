@@ -33,9 +33,7 @@ def demo_shards(work, tiny: bool):
 
 def main(argv=None):
     p = common.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.repeats = 1
+    args = common.parse(p, argv)
     common.single_core()
     import torch
 

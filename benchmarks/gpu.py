@@ -403,9 +403,7 @@ def main(argv=None):
                    "after it are left out (and listed)")
     p.add_argument("--run", choices=list(CASES), help=argparse.SUPPRESS)
     p.add_argument("--no-tracking", action="store_true", help="no MLflow (the default where mlflow is not installed)")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.repeats = 1
+    args = common.parse(p, argv)
     work = args.work or common.REPO / "runs" / "bench-gpu"
     work.mkdir(parents=True, exist_ok=True)
     if args.run:  # the child process of one case

@@ -97,9 +97,7 @@ def epoch_requests(url: str, log: Path, prefix: str) -> tuple[int, int]:
 
 def main(argv=None):
     p = common.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.repeats = 1
+    args = common.parse(p, argv)
     common.single_core()
     work = common.work_dir(args)
     local = text_shards(work, stdlib_docs(work, args.tiny), "document", 1 if args.tiny else 8)

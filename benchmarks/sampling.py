@@ -45,9 +45,7 @@ def speedup(name: str, m, n: int, repeats: int, target: float, unit: str) -> Row
 
 def main(argv=None):
     p = common.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.repeats = 1
+    args = common.parse(p, argv)
     common.single_core()
     torch.set_num_threads(1)
     T = 32 if args.tiny else 512

@@ -186,9 +186,7 @@ def image_shards(work: Path, tiny: bool) -> tuple[Path, str]:
 def main(argv=None):
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=["text", "audio", "image"], default=["text", "audio", "image"])
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.repeats = 1
+    args = common.parse(p, argv)
     common.single_core()
     work = common.work_dir(args)
     rows, notes = [], []
