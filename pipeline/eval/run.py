@@ -59,7 +59,7 @@ def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batc
             tracker.log_shards(source, {split: "evaluation"})
         tracker.log_metrics({f"{split}/{k}": v for k, v in headline(result).items()}, step)
         with tempfile.TemporaryDirectory() as tmp:
-            length = prompt_len or codec.default_prompt_len
+            length = completion_prompt_len(codec, prompt_len, sample_length or codec.sequence_length(block_len))
             files = write_samples(model, codec, validation_items(shards, split, prompts, length), Path(tmp),
                                   samples=samples, temperature=temperature, top_k=top_k, seed=seed,
                                   prompt_len=length, length=sample_length, stride=stride)
@@ -80,3 +80,14 @@ def run_eval(model_path: str, data: str | list[str], *, split: str = "val", batc
     return result
 
 
+
+
+def completion_prompt_len(codec, asked: int | None, sampled: int) -> int:
+    """Variables given to completions: `asked` (--prompt-len), else the codec's default cut to
+    half of what is sampled (an audio model's 125 ms can exceed a small model's context)."""
+    if asked is None:
+        return min(codec.default_prompt_len, sampled // 2)
+    if asked >= sampled:
+        raise ArpipeError(f"--prompt-len {asked} leaves nothing to sample: a completion is {sampled} variables "
+                          f"in all (--sample-length, default: the model's context)")
+    return asked

@@ -163,6 +163,26 @@ def test_write_samples_are_16bit_wavs_at_the_codec_rate(tmp_path):
         assert np.array_equal(codec.encode(str(path)), row)  # a written clip can be a sampling prompt
 
 
+def test_eval_completions_fit_a_context_shorter_than_the_codecs_prompt(audio_shards, tmp_path):
+    """The audio codec gives completions 125 ms (2000 samples at 16 kHz); a model of 32 samples'
+    context gets half its context instead (this crashed `arpipe recipe configs/multimodal.yaml`),
+    and a --prompt-len that leaves nothing to sample is a clear error."""
+    from pipeline.eval.run import run_eval
+    from pipeline.export import save_export
+
+    codec = Shards(audio_shards).codec
+    assert codec.default_prompt_len == 2000
+    cfg = {"name": "gpt", "n_layer": 1, "n_head": 2, "d_model": 16}
+    model = build_model(cfg, codec.vocab_size, (32,))
+    export = save_export(tmp_path / "export", dict(model.named_parameters()), cfg, codec.vocab_size, (32,),
+                         codec.config(), tmp_path / "export", {"step": 0})
+    options = {"samples": 0, "prompts": 1, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t"}
+    result = run_eval(str(export), str(audio_shards), **options)
+    assert result["artifacts"] == ["completions-00.wav"]
+    with pytest.raises(ArpipeError, match=r"--prompt-len 32 leaves nothing to sample: a completion is 32 variables"):
+        run_eval(str(export), str(audio_shards), prompt_len=32, **options)
+
+
 @pytest.mark.parametrize("options, message", [
     (["--mu", "300"], "mu must be in 1..255"),
     (["--clip-seconds", "0"], "--clip-seconds must be positive"),
