@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import ArpipeError
-from pipeline.codecs import Codec
+from pipeline.codecs import Codec, Encoded
 from pipeline.data.hf_inputs import DatasetPart, import_datasets
 from pipeline.data.sources import Record, relative_name
 
@@ -217,9 +217,11 @@ class AudioCodec(Codec):
             return Record(key, skip="non-finite samples")
         return Record(key, np.concatenate(parts) if len(parts) > 1 else parts[0])
 
-    def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
+    def encode_records(self, records: list[Record]) -> Encoded:
+        lengths = [len(r.value) for r in records]
         rate = self.sample_rate
-        return [(r.value, {"key": r.key, "samples": len(r.value), "seconds": len(r.value) / rate}) for r in records]
+        return Encoded(np.concatenate([r.value for r in records] or [np.zeros(0, np.uint8)]), np.array(lengths),
+                       [{"key": r.key, "samples": n, "seconds": n / rate} for r, n in zip(records, lengths)])
 
     def encode_wave(self, wave: np.ndarray) -> np.ndarray:
         return mu_law_encode(wave, self.mu)

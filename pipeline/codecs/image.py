@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps  # at import: a function-level import would cost every image
 
 from pipeline import ArpipeError
-from pipeline.codecs import Codec
+from pipeline.codecs import Codec, Encoded
 from pipeline.codecs.ordering import ORDERINGS, inverse, permutation
 from pipeline.data.hf_inputs import DatasetPart, import_datasets
 from pipeline.data.sources import Record, readable, relative_name, require_regular_file
@@ -59,6 +59,7 @@ class ImageCodec(Codec):
         self.vocab_size = levels
         self.perm = permutation(ordering, channels, height, width)  # raises for an unknown ordering
         self.inv = inverse(self.perm)
+        self.raster = bool(np.array_equal(self.perm, np.arange(len(self.perm))))
 
     # --- the shard stage's command line
     @classmethod
@@ -127,9 +128,9 @@ class ImageCodec(Codec):
         size = list(source_shape(record.value)[:2])
         return Record(record.key, self.pixels(record.value), meta={"key": record.key, "size": size})
 
-    def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
-        rows = self.tokens(np.stack([r.value for r in records])) if records else []
-        return [(row, r.meta) for r, row in zip(records, rows)]
+    def encode_records(self, records: list[Record]) -> Encoded:
+        rows = self.tokens(np.stack([r.value for r in records]))
+        return Encoded(rows.reshape(-1), np.full(len(records), rows.shape[1]), [r.meta for r in records])
 
     def pixels(self, value) -> np.ndarray:
         """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""
@@ -150,9 +151,12 @@ class ImageCodec(Codec):
     def tokens(self, pixels: np.ndarray) -> np.ndarray:
         """(H, W, C) uint8 -> the quantised sub-pixels in the ordering; a stack of images (n, H,
         W, C) -> one row each."""
-        levels = (pixels.astype(np.uint16) * self.levels) >> 8
-        flat = levels.reshape(*pixels.shape[:-3], -1)
-        return flat[..., self.perm].astype(self.token_dtype)
+        flat = pixels.reshape(*pixels.shape[:-3], -1)
+        if self.levels < 256:  # 256 levels are the bytes themselves
+            flat = (flat.astype(np.uint16) * self.levels) >> 8
+        if not self.raster:  # gathering a row in its own order is a copy of it
+            flat = flat[..., self.perm]
+        return flat.astype(self.token_dtype)
 
     def to_pixels(self, rows: np.ndarray) -> np.ndarray:
         """Token rows (n, D) in the ordering -> uint8 images (n, H, W, C), de-quantised."""

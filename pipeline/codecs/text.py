@@ -17,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline import ArpipeError
-from pipeline.codecs import Codec, codec_file
+from pipeline.codecs import Codec, Encoded, codec_file
 from pipeline.data.sources import Record, read_text, readable, require_regular_file, split_of
 from pipeline.log import LOG
 
@@ -171,10 +171,15 @@ class TextCodec(Codec):
     def read_records(self, path, root: Path, settings: dict):
         return read_text(path, root, settings["sample_by"], settings["text_field"])
 
-    def encode_records(self, records: list[Record]) -> list[tuple[np.ndarray, dict]]:
+    def encode_records(self, records: list[Record]) -> Encoded:
         texts = [r.value for r in records]
-        return [(tokens, {"key": r.key, "bytes": len(t) if t.isascii() else len(t.encode())})
-                for r, t, tokens in zip(records, texts, self.encode_batch(texts))]
+        ids = [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        flat = []
+        for row in ids:  # one list, then one array: a paragraph's array of its own costs more than its tokens
+            flat += row
+        return Encoded(np.array(flat, dtype=self.token_dtype), np.fromiter(map(len, ids), np.int64, len(ids)),
+                       [{"key": r.key, "bytes": len(t) if t.isascii() else len(t.encode())}
+                        for r, t in zip(records, texts)])
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]

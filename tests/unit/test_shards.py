@@ -58,6 +58,47 @@ def test_round_trip_decodes_every_document(corpus, text_shards):
         assert hashlib.sha256((text_shards / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
+def test_items_written_in_batches_make_the_shards_items_written_one_by_one_make(tmp_path):
+    """Chunks end after the item that fills them however the items are batched (a batch may
+    close one chunk and open the next, or several): the tars and their entries are identical."""
+    from pipeline.codecs import Encoded
+    from pipeline.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 90, 400)
+    lengths[[7, 8, 200]] = [0, 700, 1]  # empty items and one longer than a chunk
+    items = [(rng.integers(0, 5000, n).astype(np.uint16), {"key": f"doc:{i}", "bytes": int(n)})
+             for i, n in enumerate(lengths)]
+
+    def write(directory, batch_sizes):
+        writer = ShardWriter(directory, "train", 0, np.uint16, chunk_bytes=2 * 256, shard_bytes=3000)
+        i = 0
+        for size in batch_sizes:
+            batch = items[i : i + size]
+            if size == 1:
+                writer.add(*batch[0])
+            else:
+                writer.add_batch(Encoded(np.concatenate([t for t, _ in batch] or [np.zeros(0, np.uint16)]),
+                                         np.array([len(t) for t, _ in batch], dtype=np.int64), [m for _, m in batch]))
+            i += size
+        assert i == len(items)
+        return writer.close()
+
+    one_by_one = write(tmp_path / "a", [1] * len(items))
+    assert len(one_by_one) > 5 and sum(len(e["chunks"]) for e in one_by_one) > 40  # many chunks and shards
+    sizes, left = [], len(items)
+    while left:  # random batches, empty ones among them
+        sizes.append(min(left, int(rng.integers(0, 30))))
+        left -= sizes[-1]
+    batched = write(tmp_path / "b", sizes)
+    whole = write(tmp_path / "c", [len(items)])
+    assert one_by_one == batched == whole
+    for entry in one_by_one:
+        data = {d: (tmp_path / d / entry["path"]).read_bytes() for d in "abc"}
+        assert data["a"] == data["b"] == data["c"]
+        assert hashlib.sha256(data["a"]).hexdigest() == entry["sha256"]
+
+
 def test_shards_are_plain_webdataset_and_tar(text_shards):
     tars = sorted(str(p) for p in text_shards.glob("train/*.tar"))
     samples = list(wds.WebDataset(tars, shardshuffle=False))
