@@ -163,6 +163,28 @@ def test_write_samples_are_16bit_wavs_at_the_codec_rate(tmp_path):
         assert np.array_equal(codec.encode(str(path)), row)  # a written clip can be a sampling prompt
 
 
+def test_clips_with_nan_or_infinite_samples_are_skipped_and_huge_finite_ones_kept(tmp_path):
+    """Float WAVs can hold NaN and ±inf (μ-law of NaN is garbage): such a clip is a counted skip,
+    the file's other clips stay. Huge finite samples overflow a float32 sum, the stage's quick
+    test, and are still kept (clipped to full scale)."""
+    rate = 8000
+    wave = tone(3.0, rate)  # three clips of a second
+    nan, inf, huge = wave.copy(), wave.copy(), np.float32(3e38) * np.sign(wave)
+    nan[rate + 5] = np.nan  # in the second clip
+    inf[2 * rate + 7] = -np.inf  # in the third
+    (tmp_path / "in").mkdir()
+    for name, samples in {"nan": nan, "inf": inf, "huge": huge}.items():
+        sf.write(tmp_path / "in" / f"{name}.wav", samples, rate, subtype="FLOAT")
+    cli(["shard", "audio", "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--sample-rate", "8000",
+         "--clip-seconds", "1"])
+    skipped = json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]
+    assert skipped["items"] == {"non-finite samples": 2}
+    assert sorted(skipped["examples"]["non-finite samples"]) == ["inf.wav:2", "nan.wav:1"]
+    items = shard_items(tmp_path / "out")
+    assert sorted(items) == ["huge.wav:0", "huge.wav:1", "huge.wav:2", "inf.wav:0", "inf.wav:1", "nan.wav:0", "nan.wav:2"]
+    assert set(np.unique(np.concatenate([items[f"huge.wav:{i}"][0] for i in range(3)]))) == {0, 128, 255}
+
+
 def test_eval_completions_fit_a_context_shorter_than_the_codecs_prompt(audio_shards, tmp_path):
     """The audio codec gives completions 125 ms (2000 samples at 16 kHz); a model of 32 samples'
     context gets half its context instead (this crashed `arpipe recipe configs/multimodal.yaml`),
