@@ -97,7 +97,8 @@ def documents(inputs: list[Path], sample_by: str) -> list[str]:
 
     files = expand_inputs([str(p) for p in inputs])
     root = common_root(files)
-    return [r.value for f in files for r in read_text(f, root, sample_by, "text") if r.skip is None]
+    return [text for f in files for records in read_text(f, root, sample_by, "text")
+            for text, skip in zip(records.values, records.skips or [None] * len(records.values)) if skip is None]
 
 
 def text_case(name: str, source: Path, sample_by: str, work: Path, args, min_mb: float) -> list[Row]:

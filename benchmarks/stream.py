@@ -17,7 +17,6 @@ to 28×28). Targets: text ≥ 50 Mtok/s, images ≥ 50k/s, each ≥ 20× the one
 
 import io
 import json
-import tarfile
 import time
 from pathlib import Path
 
@@ -71,23 +70,23 @@ def wds_read(tars: list[Path], limit: int | None = None):
 
 def one_per_sample(shards_dir: Path, out: Path, max_items: int) -> list[Path]:
     """The split's first `max_items` items, one WebDataset sample each (KEY.tokens.npy)."""
-    from pipeline.data.shards import Shards, _npy_bytes
+    from pipeline.data.shards import HashedTar, Shards, npy_header
 
     if out.exists():
         return sorted(out.glob("*.tar"))
     out.mkdir(parents=True)
     shards, n = Shards(shards_dir), 0
-    with tarfile.open(out / "items-000000.tar", "w") as tar:
-        for shard, entry in shards.chunks("train"):
-            tokens, offsets = shards.read_chunk(shard, entry["key"])
-            for a, b in zip(offsets[:-1], offsets[1:]):
-                data = _npy_bytes(tokens[a:b])
-                info = tarfile.TarInfo(f"{n:09d}.tokens.npy")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                n += 1
-                if n == max_items:
-                    return [out / "items-000000.tar"]
+    tar = HashedTar(out / "items-000000.tar")
+    for shard, entry in shards.chunks("train"):
+        tokens, offsets = shards.read_chunk(shard, entry["key"])
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            tar.add(f"{n:09d}.tokens.npy", [npy_header(tokens.dtype, b - a), np.ascontiguousarray(tokens[a:b])])
+            n += 1
+            if n == max_items:
+                break
+        if n == max_items:
+            break
+    tar.close()
     return [out / "items-000000.tar"]
 
 

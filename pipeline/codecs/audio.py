@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, Encoded
 from pipeline.data.hf_inputs import DatasetPart, import_datasets
-from pipeline.data.sources import Record, relative_name
+from pipeline.data.sources import Record, Records, in_batches, relative_name
 
 # audiofolder metadata that sits next to the audio; it is not audio and is not read.
 AUDIOFOLDER_METADATA = {"metadata.csv", "metadata.jsonl"}
@@ -158,6 +158,9 @@ class AudioCodec(Codec):
                 "sample_rate": self.sample_rate, "mu": self.mu}
 
     def read_records(self, path: str | DatasetPart, root: Path, settings: dict):
+        return in_batches(self.clips(path, root, settings), 1)  # a clip is big enough to go on its own
+
+    def clips(self, path: str | DatasetPart, root: Path, settings: dict):
         """One record per clip, keyed path:index (counting clips across a parquet file's rows;
         a dataset row's clips are ROW_KEY:index), its value the clip's μ-law tokens. Clips come
         out as the file is decoded. A file that cannot be decoded raises (the shard task skips
@@ -225,11 +228,11 @@ class AudioCodec(Codec):
             return Record(key, skip="non-finite samples")
         return Record(key, np.concatenate(parts) if len(parts) > 1 else parts[0])
 
-    def encode_records(self, records: list[Record]) -> Encoded:
-        lengths = [len(r.value) for r in records]
+    def encode_records(self, records: Records) -> Encoded:
+        lengths = [len(clip) for clip in records.values]
         rate = self.sample_rate
-        return Encoded(np.concatenate([r.value for r in records] or [np.zeros(0, np.uint8)]), np.array(lengths),
-                       [{"key": r.key, "samples": n, "seconds": n / rate} for r, n in zip(records, lengths)])
+        return Encoded(np.concatenate(records.values or [np.zeros(0, np.uint8)]), np.array(lengths),
+                       [{"key": key, "samples": n, "seconds": n / rate} for key, n in zip(records.keys, lengths)])
 
     def encode_wave(self, wave: np.ndarray) -> np.ndarray:
         return mu_law_encode(wave, self.mu)

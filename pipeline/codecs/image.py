@@ -32,13 +32,14 @@ from pipeline import ArpipeError
 from pipeline.codecs import Codec, Encoded
 from pipeline.codecs.ordering import ORDERINGS, inverse, permutation
 from pipeline.data.hf_inputs import DatasetPart, import_datasets
-from pipeline.data.sources import Record, readable, relative_name, require_regular_file
+from pipeline.data.sources import Record, Records, in_batches, readable, relative_name, require_regular_file
 
 ARRAY_SUFFIXES = (".npz", ".npy")
 IDX = re.compile(r"idx\d-ubyte(\.gz)?$|\.idx(\.gz)?$")
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 BLOCK_BYTES = 8 << 20  # array files are read this much at a time
+IMAGE_BATCH = 256  # images per Records from an array file, parquet file or dataset (already at the codec's size)
 
 
 class ImageCodec(Codec):
@@ -119,7 +120,8 @@ class ImageCodec(Codec):
         """One record per image: its pixels scaled and cropped to the codec's size right away (a
         batch of records then holds small images, whatever the sources' size), its item meta
         (key and source size) ready."""
-        return map(self.fitted, read_images(path, root, settings["image_field"], settings["array_key"]))
+        records = map(self.fitted, read_images(path, root, settings["image_field"], settings["array_key"]))
+        return in_batches(records, IMAGE_BATCH)
 
     def fitted(self, record: Record) -> Record:
         if record.skip:
@@ -128,9 +130,9 @@ class ImageCodec(Codec):
         size = list(source_shape(record.value)[:2])
         return Record(record.key, self.pixels(record.value), meta={"key": record.key, "size": size})
 
-    def encode_records(self, records: list[Record]) -> Encoded:
-        rows = self.tokens(np.stack([r.value for r in records]))
-        return Encoded(rows.reshape(-1), np.full(len(records), rows.shape[1]), [r.meta for r in records])
+    def encode_records(self, records: Records) -> Encoded:
+        rows = self.tokens(np.stack(records.values))
+        return Encoded(rows.reshape(-1), np.full(len(rows), rows.shape[1]), records.metas)
 
     def pixels(self, value) -> np.ndarray:
         """A Pillow image or a uint8 array (H, W[, C]) as uint8 (height, width, channels)."""

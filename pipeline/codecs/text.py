@@ -11,6 +11,7 @@ post-processor add its BOS/EOS (`add_special_tokens=False`).
 import hashlib
 import json
 from collections.abc import Iterable
+from itertools import chain, repeat
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline import ArpipeError
 from pipeline.codecs import Codec, Encoded, codec_file
-from pipeline.data.sources import Record, read_text, readable, require_regular_file, split_of
+from pipeline.data.sources import Records, read_text, readable, require_regular_file, split_of
 from pipeline.log import LOG
 
 EOS = "<|endoftext|>"  # ends documents in tokenizers arpipe trains (and GPT-2's)
@@ -171,15 +172,15 @@ class TextCodec(Codec):
     def read_records(self, path, root: Path, settings: dict):
         return read_text(path, root, settings["sample_by"], settings["text_field"])
 
-    def encode_records(self, records: list[Record]) -> Encoded:
-        texts = [r.value for r in records]
+    def encode_records(self, records: Records) -> Encoded:
+        texts = records.values
         ids = [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        flat = []
-        for row in ids:  # one list, then one array: a paragraph's array of its own costs more than its tokens
-            flat += row
-        return Encoded(np.array(flat, dtype=self.token_dtype), np.fromiter(map(len, ids), np.int64, len(ids)),
-                       [{"key": r.key, "bytes": len(t) if t.isascii() else len(t.encode())}
-                        for r, t in zip(records, texts)])
+        lengths = list(map(len, ids))
+        # one array of all the batch's tokens: an array per paragraph costs more than its tokens
+        tokens = np.fromiter(chain.from_iterable(ids), self.token_dtype, sum(lengths))
+        return Encoded(tokens, np.array(lengths, dtype=np.int64),
+                       [{"key": key, "bytes": len(text) if text.isascii() else len(text.encode())}
+                        for key, text in zip(records.keys, texts)])
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
@@ -219,12 +220,15 @@ def text_codec_maker(settings: dict, tokenizer: str | None, train_bytes: int):
                     try:
                         if isinstance(inputs[i], str):
                             require_regular_file(inputs[i])  # a FIFO would block
-                        for r in read_text(readable(inputs[i]), root, settings["sample_by"], settings["text_field"]):
-                            if r.skip is None and split_of(r.key, settings["val_fraction"]) == "train":
-                                yield r.value
-                                seen += len(r.value)
-                                if seen >= train_bytes:
-                                    return
+                        for records in read_text(readable(inputs[i]), root, settings["sample_by"],
+                                                 settings["text_field"]):
+                            for key, text, skip in zip(records.keys, records.values,
+                                                       records.skips or repeat(None)):
+                                if skip is None and split_of(key, settings["val_fraction"]) == "train":
+                                    yield text
+                                    seen += len(text)
+                                    if seen >= train_bytes:
+                                        return
                     except Exception:  # unreadable input: the shard task records it
                         continue
 

@@ -30,6 +30,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from itertools import compress
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import cached_property
 from multiprocessing import get_context
@@ -42,7 +43,7 @@ from pipeline import ArpipeError
 from pipeline.codecs import Codec, Encoded, load_codec
 from pipeline.data import storage
 from pipeline.data.hf_inputs import PREFIX, DatasetInput, DatasetPart
-from pipeline.data.sources import common_root, relative_name, require_regular_file, split_of
+from pipeline.data.sources import Records, common_root, relative_name, require_regular_file, split_of
 from pipeline.log import LOG
 
 FORMAT = 1
@@ -56,44 +57,61 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+def npy_header(dtype, length: int) -> bytes:
+    """The .npy header of a 1-D array, as np.save writes it: the data follows it as raw bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (int(length),)})
+    return header.getvalue()
 
 
-class HashedFile:
-    """A file being written that hashes its bytes on the way, so a finished shard's sha256
-    needs no second read of the tar."""
+class HashedTar:
+    """A tar being written byte for byte as tarfile writes it (USTAR headers, members padded to
+    whole blocks, two zero blocks and padding to a whole record at the end), from members in
+    pieces (a header and a batch's arrays) that are never copied into one buffer, and hashed on
+    the way, so a finished shard's sha256 needs no second read."""
 
     def __init__(self, path: Path):
         self.file = open(path, "wb")
         self.sha256 = hashlib.sha256()
+        self.offset = 0
 
-    def write(self, data) -> int:
+    def _write(self, data) -> None:
         self.sha256.update(data)
-        return self.file.write(data)
+        self.file.write(data)
+        self.offset += memoryview(data).nbytes
 
-    def tell(self) -> int:
-        return self.file.tell()
+    def add(self, name: str, parts: list) -> list[int]:
+        """A member of `parts` (bytes, contiguous arrays) end to end; returns [data offset, size]."""
+        size = sum(memoryview(part).nbytes for part in parts)
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape"))
+        start = self.offset
+        for part in parts:
+            self._write(part)
+        self._write(bytes(-size % tarfile.BLOCKSIZE))
+        return [start, size]
 
     def close(self) -> None:
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self.offset % tarfile.RECORDSIZE))
         self.file.close()
 
 
 class ShardWriter:
     """Writes one task's items of one split into chunks and tars of bounded size.
 
-    The tars are written with tarfile, not webdataset's TarWriter: `import webdataset` imports
-    torch, 2.5 s of CPU time per shard worker process (measured on the 2-core CI machine; tarfile
-    0.03 s), more than the whole stage takes on a small input, for the same tar (pipeline/data/
-    wds.py reads the shards with webdataset)."""
+    The tars are written by HashedTar, not webdataset's TarWriter: `import webdataset` imports
+    torch, 2.5 s of CPU time per shard worker process (measured on the 2-core CI machine), more
+    than the whole stage takes on a small input, for the same tar (pipeline/data/wds.py reads
+    the shards with webdataset)."""
 
     def __init__(self, directory: Path, split: str, task: int, dtype, chunk_bytes: int, shard_bytes: int):
         self.directory, self.split, self.task, self.dtype = directory, split, task, np.dtype(dtype)
         self.chunk_tokens, self.shard_bytes = chunk_bytes // self.dtype.itemsize, shard_bytes
         self.entries: list[dict] = []
-        self.tar = None
+        self.tar: HashedTar | None = None
         self.n_chunks = 0
         self._new_chunk()
 
@@ -133,25 +151,19 @@ class ShardWriter:
             self.path = self.directory / self.split / name
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.path.with_name(name + ".tmp")
-            self.file = HashedFile(self.tmp)
-            self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
+            self.tar = HashedTar(self.tmp)
             self.chunks: list[dict] = []
         key = f"{self.split}-{self.task:05d}-{self.n_chunks:06d}"
         offsets = np.zeros(len(self.meta) + 1, dtype=np.int64)
         np.cumsum(np.concatenate(self.lengths), out=offsets[1:])
-        members = {
-            "tokens.npy": _npy_bytes(np.concatenate(self.tokens).astype(self.dtype, copy=False)),
-            "offsets.npy": _npy_bytes(offsets),
-            "meta.json": json.dumps({"items": self.meta}).encode(),
+        tokens = [np.ascontiguousarray(piece, self.dtype) for piece in self.tokens]
+        # [data offset, size] of each member in the tar: readers fetch a chunk with one range
+        # read and never walk the tar's headers
+        ranges = {
+            "tokens.npy": self.tar.add(f"{key}.tokens.npy", [npy_header(self.dtype, offsets[-1]), *tokens]),
+            "offsets.npy": self.tar.add(f"{key}.offsets.npy", [npy_header(np.int64, len(offsets)), offsets]),
+            "meta.json": self.tar.add(f"{key}.meta.json", [json.dumps({"items": self.meta}).encode()]),
         }
-        ranges = {}
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            self.tar.addfile(info, io.BytesIO(data))
-            # [data offset, size] in the tar, after the member's zero padding to a whole block:
-            # readers fetch a chunk with one range read and never walk the tar's headers
-            ranges[ext] = [self.tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, len(data)]
         self.chunks.append({"key": key, "items": len(self.meta), "tokens": int(offsets[-1]),
                             "bytes": sum(m.get("bytes", 0) for m in self.meta), "members": ranges})
         self.n_chunks += 1
@@ -160,14 +172,13 @@ class ShardWriter:
             self._close_shard()
 
     def _close_shard(self):
-        self.tar.close()
-        self.file.close()
-        self.tar = None
+        tar, self.tar = self.tar, None
+        tar.close()
         os.replace(self.tmp, self.path)
         self.entries.append({
             "path": str(self.path.relative_to(self.directory)),
             "split": self.split,
-            "sha256": self.file.sha256.hexdigest(),
+            "sha256": tar.sha256.hexdigest(),
             "items": sum(c["items"] for c in self.chunks),
             "tokens": sum(c["tokens"] for c in self.chunks),
             "bytes": sum(c["bytes"] for c in self.chunks),
@@ -293,14 +304,41 @@ def _run_task(out: Path, task: int, plan: Plan, marker: Path) -> dict:
     writers = {s: ShardWriter(out, s, task, codec.token_dtype, settings["chunk_bytes"], settings["shard_bytes"])
                for s in SPLITS}
     skipped_files, skipped_items, examples = [], Counter(), {}
-    pending = {s: [] for s in SPLITS}
+    pending = {s: Records([], [], None, []) for s in SPLITS}  # usable records not yet encoded
     pending_bytes = dict.fromkeys(SPLITS, 0)
 
     def flush(split):
-        if pending[split]:
-            writers[split].add_batch(codec.encode_records(pending[split]))
-        pending[split].clear()
-        pending_bytes[split] = 0
+        keys, values, _, metas = pending[split]
+        for i in range(0, len(keys), BATCH_ITEMS):
+            j = i + BATCH_ITEMS
+            writers[split].add_batch(codec.encode_records(Records(keys[i:j], values[i:j], None, metas[i:j] or None)))
+        pending[split], pending_bytes[split] = Records([], [], None, []), 0
+
+    def add(records: Records) -> int:
+        """Count the unusable records, queue the others for their split; returns how many were usable."""
+        keys, values, skips, metas = records
+        if skips is not None:
+            for key, skip in zip(keys, skips):
+                if skip:
+                    skipped_items[skip] += 1
+                    if len(listed := examples.setdefault(skip, [])) < EXAMPLES_PER_REASON:
+                        listed.append(key)
+            usable = [skip is None for skip in skips]
+            keys, values = list(compress(keys, usable)), list(compress(values, usable))
+            metas = metas and list(compress(metas, usable))
+        splits = [split_of(key, val_fraction) for key in keys]
+        for split in SPLITS:
+            ours = [s == split for s in splits]
+            queue = pending[split]
+            queue.keys.extend(compress(keys, ours))
+            taken = list(compress(values, ours))
+            queue.values.extend(taken)
+            if metas:
+                queue.metas.extend(compress(metas, ours))
+            pending_bytes[split] += payload_bytes(taken)
+            if len(queue.keys) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
+                flush(split)
+        return len(keys)
 
     inputs, root = plan.task_inputs(task), plan.root
     checked = [check_input(path) for path in inputs]  # each task stats its own inputs, in parallel
@@ -310,21 +348,8 @@ def _run_task(out: Path, task: int, plan: Plan, marker: Path) -> dict:
         try:
             if problem:
                 raise problem
-            for record in codec.read_records(path, root, settings):
-                if record.skip:
-                    skipped_items[record.skip] += 1
-                    keys = examples.setdefault(record.skip, [])
-                    if len(keys) < EXAMPLES_PER_REASON:
-                        keys.append(record.key)
-                    continue
-                items += 1
-                split = split_of(record.key, val_fraction)
-                batch = pending[split]
-                batch.append(record)
-                value = record.value
-                pending_bytes[split] += value.nbytes if isinstance(value, np.ndarray) else len(value)
-                if len(batch) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
-                    flush(split)
+            for records in codec.read_records(path, root, settings):
+                items += add(records)
         except ArpipeError:  # an option to change (a dataset's split, column, …): fatal, with its message
             raise
         except Exception as e:  # an unreadable input is skipped and reported, never fatal
@@ -343,6 +368,11 @@ def _run_task(out: Path, task: int, plan: Plan, marker: Path) -> dict:
     marker.parent.mkdir(exist_ok=True)
     write_json_atomic(marker, result)
     return result
+
+
+def payload_bytes(values: list) -> int:
+    """Characters of texts, bytes of arrays: what bounds the batches the codec encodes."""
+    return sum(v.nbytes for v in values) if values and isinstance(values[0], np.ndarray) else sum(map(len, values))
 
 
 def peak_rss_mb() -> int | None:

@@ -12,10 +12,11 @@ import bz2
 import glob
 import gzip
 import hashlib
+import json
 import lzma
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,13 +38,51 @@ COMPRESSED_TEXT = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lz
 # paragraph or line).
 MAX_DOCUMENT_CHARS = 4 << 20
 TOO_LONG = "longer than 4 Mi characters"
+# A JSON Lines row longer than this is skipped as too long (its text is longer than
+# MAX_DOCUMENT_CHARS unless more than half the line is escapes)
+MAX_JSON_LINE = 2 * MAX_DOCUMENT_CHARS
+TEXT_BATCH = 1024  # documents per Records from a table or dataset (plain text: per read of the file)
 
 
-class Record(NamedTuple):  # a tuple: millions are made, one per document, clip or image
+class Record(NamedTuple):  # one clip or image (readers make one at a time, then gather them in Records)
     key: str
     value: object = None  # the payload: str for text, arrays for audio and images
     skip: str | None = None  # why the record is unusable; None when it is fine
-    meta: dict | None = None  # what the codec adds to the item's meta (e.g. an image's source size)
+    meta: dict | None = None  # the item's meta where the reader makes it (an image's source size)
+
+
+class Records(NamedTuple):
+    """Consecutive records of one input as columns: what readers yield, a batch at a time. A text
+    file holds millions of paragraphs, and an object per paragraph cost the shard stage as much
+    Python as the tokenizer's own work on it."""
+    keys: list[str]
+    values: list
+    skips: list[str | None] | None = None  # why each record is unusable (None: usable); None when all are
+    metas: list[dict] | None = None  # each item's meta where the reader makes it (see Record.meta)
+
+    @classmethod
+    def of(cls, records: list[Record]) -> "Records":
+        skips, metas = [r.skip for r in records], [r.meta for r in records]
+        return cls([r.key for r in records], [r.value for r in records], skips if any(skips) else None,
+                   metas if any(meta is not None for meta in metas) else None)
+
+
+def in_batches(records: Iterable[Record], size: int) -> Iterator[Records]:
+    """Records of up to `size` at a time. Those read before a reader fails come out before its
+    exception does: an input that fails part-way keeps what was read of it."""
+    batch = []
+    try:
+        for record in records:
+            batch.append(record)
+            if len(batch) == size:
+                yield Records.of(batch)
+                batch = []
+    except Exception:
+        if batch:
+            yield Records.of(batch)
+        raise
+    if batch:
+        yield Records.of(batch)
 
 
 def split_of(key: str, val_fraction: float, blake2b=hashlib.blake2b) -> str:
@@ -148,16 +187,16 @@ def builder_for(path: str) -> str:
 
 
 def read_text(path: str | DatasetPart, root: Path, sample_by: str = "document",
-              text_field: str = "text") -> Iterator[Record]:
-    """Documents of one input. Plain text (also gzip, bzip2 or xz compressed) is cut by
-    `sample_by`; tabular rows and dataset rows are documents.
+              text_field: str = "text") -> Iterator[Records]:
+    """Documents of one input, a batch at a time. Plain text (also gzip, bzip2 or xz compressed)
+    is cut by `sample_by`; tabular rows and dataset rows are documents.
 
     Raises OSError/ValueError-like exceptions from `datasets` for unreadable files; the caller
     records the file as skipped.
     """
     if isinstance(path, DatasetPart):
-        for key, text in path.cells(text_field, "--text-field"):
-            yield Record(key, text, text_problem(text))
+        cells = path.cells(text_field, "--text-field")
+        yield from in_batches((Record(key, text, text_problem(text)) for key, text in cells), TEXT_BATCH)
         return
     name = relative_name(path, root)
     builder = builder_for(path)
@@ -165,23 +204,66 @@ def read_text(path: str | DatasetPart, root: Path, sample_by: str = "document",
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             index = 0
             for documents in text_documents(f, sample_by):  # a list at a time: millions of lines are cheap
-                yield from [Record(f"{name}:{i}", text, text_problem(text)) for i, text in enumerate(documents, index)]
+                keys = [f"{name}:{i}" for i in range(index, index + len(documents))]
+                yield Records(keys, documents, text_problems(documents))
                 index += len(documents)
+        return
+    if builder == "json" and is_json_lines(path) and (opener := text_opener(path)):
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            yield from in_batches(json_lines(f, name, text_field), TEXT_BATCH)
         return
     datasets = import_datasets()
     # streaming: read the file where it lies, no Arrow cache copy of the corpus.
     # "replace" turns undecodable bytes into U+FFFD, which text_problem reports per document.
     options = {"sample_by": sample_by, "encoding_errors": "replace"} if builder == "text" else {}
     rows = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
-    for index, row in enumerate(rows):
-        key = f"{name}:{index}"
-        if builder == "text":
-            text = row["text"]
-        elif text_field not in row:
-            raise ValueError(f"no {text_field!r} field (columns: {sorted(row)})")
+
+    def documents():
+        for index, row in enumerate(rows):
+            if builder == "text":
+                text = row["text"]
+            elif text_field not in row:
+                raise ValueError(f"no {text_field!r} field (columns: {sorted(row)})")
+            else:
+                text = row[text_field]
+            yield Record(f"{name}:{index}", text, text_problem(text))
+
+    yield from in_batches(documents(), TEXT_BATCH)
+
+
+def is_json_lines(path: str) -> bool:
+    """A .jsonl file, also gzip, bzip2 or xz compressed."""
+    name = os.path.basename(path).lower()
+    for suffix in (".gz", ".bz2", ".xz"):
+        name = name.removesuffix(suffix)
+    return name.endswith(".jsonl")
+
+
+def json_lines(f, name: str, field: str) -> Iterator[Record]:
+    """The rows of a JSON Lines stream, read the way `datasets`' json builder reads them (blank
+    lines are no rows; a line that is not a JSON object fails the file, after the rows before
+    it; a field missing from the first row is an error, from a later row a skipped row), but
+    without importing `datasets`, which costs a shard worker seconds. A line longer than
+    MAX_JSON_LINE characters is a skipped row, read past in bounded pieces."""
+    index = 0
+    while line := f.readline(MAX_JSON_LINE + 1):
+        if len(line) > MAX_JSON_LINE and not line.endswith("\n"):
+            while (rest := f.readline(MAX_JSON_LINE)) and not rest.endswith("\n"):
+                pass
+            yield Record(f"{name}:{index}", skip=TOO_LONG)
+        elif line.isspace():
+            continue
         else:
-            text = row[text_field]
-        yield Record(key, text, text_problem(text))
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"row {index} is a JSON {type(row).__name__}, not an object")
+            if field not in row and index == 0:
+                raise ValueError(f"no {field!r} field (columns: {sorted(row)})")
+            text = row.get(field)
+            yield Record(f"{name}:{index}", text, text_problem(text))
+        index += 1
+    if index == 0:
+        raise ValueError("no rows")
 
 
 def text_opener(path: str):
@@ -245,3 +327,14 @@ def text_problem(text) -> str | None:
     if "\ufffd" in text:  # how undecodable bytes come out of the reader
         return "invalid UTF-8"
     return None
+
+
+def text_problems(texts: list[str]) -> list[str | None] | None:
+    """Why each document cannot be tokenised (None where it can), or None when all can: the
+    common case, checked in bulk (a paragraph costs the tokenizer about 30 µs, a check per
+    paragraph in Python about 0.5)."""
+    if (all(texts) and not any(map(str.isspace, texts)) and max(map(len, texts), default=0) <= MAX_DOCUMENT_CHARS
+            and not ("\x00" in (joined := "".join(texts)) or "\ufffd" in joined)):
+        return None
+    problems = [text_problem(text) for text in texts]
+    return problems if any(problems) else None

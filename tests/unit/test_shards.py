@@ -156,7 +156,9 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path, text_shards):
     assert skipped["examples"]["invalid UTF-8"] == ["latin1.txt:0"]
     reasons = {f["input"]: f["reason"] for f in skipped["files"]}
     assert set(reasons) == {"broken.jsonl", "notext.jsonl"} and "no 'text' field" in reasons["notext.jsonl"]
-    assert manifest["splits"]["train"]["items"] + manifest["splits"]["val"]["items"] == 5
+    # the JSON Lines row before the cut is kept, and counted with the file's reason
+    assert [f.get("items_kept") for f in skipped["files"] if f["input"] == "broken.jsonl"] == [1]
+    assert manifest["splits"]["train"]["items"] + manifest["splits"]["val"]["items"] == 5 + 1
 
 
 def test_a_file_that_fails_part_way_keeps_what_came_before(tmp_path, text_shards):
