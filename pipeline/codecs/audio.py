@@ -42,7 +42,9 @@ def mu_law_encode(x: np.ndarray, mu: int = 255) -> np.ndarray:
     y *= np.float32(mu)
     np.log1p(y, out=y)
     y *= np.float32(mu / 2 / np.log1p(mu))
-    np.copysign(y, x, out=y)
+    # copysign(y, x) for y >= 0 as a bitwise or of x's sign bit: the same bits, and numpy's copysign
+    # loop took a quarter of the function's time
+    y.view(np.uint32)[...] |= x.view(np.uint32) & np.uint32(0x80000000)
     y += np.float32(mu / 2)
     return np.rint(y, out=y).astype(np.uint8)
 

@@ -120,8 +120,10 @@ class ImageCodec(Codec):
         """One record per image: its pixels scaled and cropped to the codec's size right away (a
         batch of records then holds small images, whatever the sources' size), its item meta
         (key and source size) ready."""
-        records = map(self.fitted, read_images(path, root, settings["image_field"], settings["array_key"]))
-        return in_batches(records, IMAGE_BATCH)
+        records = read_images(path, root, settings["image_field"], settings["array_key"])
+        if isinstance(records, list):  # an image file: its one record, without a generator around it
+            return [Records.of([self.fitted(record) for record in records])]
+        return in_batches(map(self.fitted, records), IMAGE_BATCH)
 
     def fitted(self, record: Record) -> Record:
         if record.skip:

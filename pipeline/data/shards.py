@@ -314,6 +314,16 @@ def _run_task(out: Path, task: int, plan: Plan, marker: Path) -> dict:
             writers[split].add_batch(codec.encode_records(Records(keys[i:j], values[i:j], None, metas[i:j] or None)))
         pending[split], pending_bytes[split] = Records([], [], None, []), 0
 
+    def enqueue(split: str, keys: list, values: list, metas: list | None) -> None:
+        queue = pending[split]
+        queue.keys.extend(keys)
+        queue.values.extend(values)
+        if metas:
+            queue.metas.extend(metas)
+        pending_bytes[split] += payload_bytes(values)
+        if len(queue.keys) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
+            flush(split)
+
     def add(records: Records) -> int:
         """Count the unusable records, queue the others for their split; returns how many were usable."""
         keys, values, skips, metas = records
@@ -326,18 +336,14 @@ def _run_task(out: Path, task: int, plan: Plan, marker: Path) -> dict:
             usable = [skip is None for skip in skips]
             keys, values = list(compress(keys, usable)), list(compress(values, usable))
             metas = metas and list(compress(metas, usable))
-        splits = [split_of(key, val_fraction) for key in keys]
-        for split in SPLITS:
-            ours = [s == split for s in splits]
-            queue = pending[split]
-            queue.keys.extend(compress(keys, ours))
-            taken = list(compress(values, ours))
-            queue.values.extend(taken)
-            if metas:
-                queue.metas.extend(compress(metas, ours))
-            pending_bytes[split] += payload_bytes(taken)
-            if len(queue.keys) >= BATCH_ITEMS or pending_bytes[split] >= BATCH_BYTES:
-                flush(split)
+        if len(keys) == 1:  # an image file, a clip: nothing to sort into splits
+            enqueue(split_of(keys[0], val_fraction), keys, values, metas)
+        else:
+            splits = [split_of(key, val_fraction) for key in keys]
+            for split in SPLITS:
+                ours = [s == split for s in splits]
+                enqueue(split, list(compress(keys, ours)), list(compress(values, ours)),
+                        metas and list(compress(metas, ours)))
         return len(keys)
 
     inputs, root = plan.task_inputs(task), plan.root

@@ -62,9 +62,9 @@ class Records(NamedTuple):
 
     @classmethod
     def of(cls, records: list[Record]) -> "Records":
-        skips, metas = [r.skip for r in records], [r.meta for r in records]
-        return cls([r.key for r in records], [r.value for r in records], skips if any(skips) else None,
-                   metas if any(meta is not None for meta in metas) else None)
+        """At least one record as columns."""
+        keys, values, skips, metas = map(list, zip(*records))
+        return cls(keys, values, skips if any(skips) else None, metas if metas.count(None) < len(metas) else None)
 
 
 def in_batches(records: Iterable[Record], size: int) -> Iterator[Records]:

@@ -281,3 +281,16 @@ def test_every_sequence_family_learns_a_pure_tone(cfg):
     with torch.no_grad():
         after = model.token_nll(held_out).mean().item() / math.log(2)
     assert before > 7 and after < 2, f"{before:.2f} -> {after:.2f} bits/sample"
+
+
+def test_mu_law_is_the_float32_formula_bit_for_bit():
+    """mu_law_encode takes the sign by a bitwise or, not np.copysign: the levels are exactly
+    those of the formula, for every magnitude, ±0, ±inf, subnormals and out-of-range samples."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(200_000) * 10.0 ** rng.integers(-40, 3, 200_000),
+                        [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 1.0, -1.0, 1.0000001, -1.0000001]]).astype(np.float32)
+    for mu in (255, 127, 15, 1):
+        y = np.minimum(np.abs(x), np.float32(1)) * np.float32(mu)
+        y = np.log1p(y) * np.float32(mu / 2 / np.log1p(mu))
+        reference = np.rint(np.copysign(y, x) + np.float32(mu / 2)).astype(np.uint8)
+        assert np.array_equal(mu_law_encode(x, mu), reference), mu

@@ -285,3 +285,68 @@ def test_plain_text_is_cut_exactly_as_datasets_cuts_it(tmp_path, sample_by):
             encoding_errors="replace")]
         with text_opener(path)(path, "rt", encoding="utf-8", errors="replace") as f:
             assert [d for documents in text_documents(f, sample_by, chunk=64) for d in documents] == reference, name
+
+
+def test_shard_tars_are_byte_for_byte_what_tarfile_and_np_save_write(tmp_path):
+    """Shards are written from a batch's arrays without copying them into one buffer (HashedTar,
+    npy_header); the bytes are those of tarfile (USTAR, mtime 0, mode 444) with np.save members."""
+    import io
+    import tarfile
+
+    from pipeline.data.shards import HashedTar, npy_header
+
+    rng = np.random.default_rng(0)
+    members = [(f"k{i}.tokens.npy", [rng.integers(0, 9, n).astype(dtype) for n in sizes])
+               for i, (dtype, sizes) in enumerate([(np.uint8, [0]), (np.uint16, [255, 1]), (np.uint16, [256]),
+                                                   (np.uint32, [3, 0, 125]), (np.int64, [64]), (np.uint8, [513])])]
+    ours = HashedTar(tmp_path / "ours.tar")
+    spans = [ours.add(name, [npy_header(pieces[0].dtype, sum(map(len, pieces))), *pieces]) for name, pieces in members]
+    spans.append(ours.add("k.meta.json", [b'{"items": []}']))
+    ours.close()
+    with tarfile.open(tmp_path / "tarfile.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [(name, np.concatenate(pieces)) for name, pieces in members] + [("k.meta.json", None)]:
+            buffer = io.BytesIO()
+            np.save(buffer, data, allow_pickle=False) if data is not None else buffer.write(b'{"items": []}')
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = buffer.tell(), 0, 0o444
+            tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    data = (tmp_path / "ours.tar").read_bytes()
+    assert data == (tmp_path / "tarfile.tar").read_bytes() and len(data) % tarfile.RECORDSIZE == 0
+    assert ours.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+    for (name, pieces), (start, size) in zip(members, spans):
+        assert np.array_equal(np.load(io.BytesIO(data[start : start + size])), np.concatenate(pieces)), name
+
+
+def test_json_lines_are_read_as_datasets_reads_them(tmp_path):
+    """JSON Lines files are read without `datasets` (importing it costs a worker seconds); its json
+    builder is the reference for the rows, their keys and their text, also gzipped."""
+    import gzip
+
+    import datasets
+
+    from pipeline.data.sources import read_text
+
+    rows = [{"text": "plain", "n": 1}, {"text": "ünïcödé 中文 😀\n\tescaped \"quotes\" \\ and \u2028"},
+            {"text": "", "n": 3}, {"text": None}, {"text": "   "}, {"text": "x" * 10_000, "extra": [1, 2]}]
+    lines = "\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows))
+    cases = {"a.jsonl": (lines + "\n").encode(), "no-final-newline.jsonl": lines.encode(),
+             "blank-lines.jsonl": ("\n" + lines.replace("\n", "\n\n") + "\n\n").encode(),
+             "zipped.jsonl.gz": gzip.compress(lines.encode())}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        reference = datasets.load_dataset("json", data_files=[str(tmp_path / name)], split="train", streaming=True)
+        expected = [(f"{name}:{i}", row["text"]) for i, row in enumerate(reference)]
+        ours = [(key, text) for records in read_text(str(tmp_path / name), tmp_path, text_field="text")
+                for key, text in zip(records.keys, records.values)]
+        assert ours == expected, name
+
+
+def test_bulk_text_checks_give_each_documents_own_reason():
+    from pipeline.data.sources import MAX_DOCUMENT_CHARS, text_problem, text_problems
+
+    rng = np.random.default_rng(0)
+    pool = ["fine", "", " \n\t", "a\x00b", "bad \ufffd byte", "x" * (MAX_DOCUMENT_CHARS + 1), "ok too", "\u3000"]
+    for _ in range(300):
+        texts = [pool[i] for i in rng.integers(0, len(pool), int(rng.integers(0, 6)))]
+        expected = [text_problem(t) for t in texts]
+        assert text_problems(texts) == (expected if any(expected) else None), texts
