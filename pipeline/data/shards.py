@@ -30,9 +30,9 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from itertools import compress
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import cached_property
+from itertools import compress
 from multiprocessing import get_context
 from pathlib import Path, PurePosixPath
 
@@ -60,8 +60,8 @@ def write_json_atomic(path: Path, data) -> None:
 def npy_header(dtype, length: int) -> bytes:
     """The .npy header of a 1-D array, as np.save writes it: the data follows it as raw bytes."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (int(length),)})
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": (int(length),)})
     return header.getvalue()
 
 

@@ -67,16 +67,19 @@ class Records(NamedTuple):
         return cls(keys, values, skips if any(skips) else None, metas if metas.count(None) < len(metas) else None)
 
 
-def in_batches(records: Iterable[Record], size: int) -> Iterator[Records]:
-    """Records of up to `size` at a time. Those read before a reader fails come out before its
-    exception does: an input that fails part-way keeps what was read of it."""
-    batch = []
+def in_batches(records: Iterable[Record], size: int, max_bytes: int = 1 << 20) -> Iterator[Records]:
+    """Records of at most `size` at a time and not much more than `max_bytes` of payload (texts'
+    characters, arrays' bytes): a table's rows may be megabytes each. Those read before a reader
+    fails come out before its exception does: an input that fails part-way keeps what was read."""
+    batch, payload = [], 0
     try:
         for record in records:
             batch.append(record)
-            if len(batch) == size:
+            value = record.value
+            payload += len(value) if isinstance(value, str) else getattr(value, "nbytes", 0)
+            if len(batch) == size or payload >= max_bytes:
                 yield Records.of(batch)
-                batch = []
+                batch, payload = [], 0
     except Exception:
         if batch:
             yield Records.of(batch)

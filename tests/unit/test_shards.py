@@ -350,3 +350,21 @@ def test_bulk_text_checks_give_each_documents_own_reason():
         texts = [pool[i] for i in rng.integers(0, len(pool), int(rng.integers(0, 6)))]
         expected = [text_problem(t) for t in texts]
         assert text_problems(texts) == (expected if any(expected) else None), texts
+
+
+def test_record_batches_are_bounded_and_keep_what_came_before_a_failure():
+    from pipeline.data.sources import Record, in_batches
+
+    def rows(fail_after=None):
+        for i in range(10):
+            if i == fail_after:
+                raise ValueError("cut")
+            yield Record(f"t:{i}", "x" * 600_000 if i % 3 else "short")
+
+    batches = list(in_batches(rows(), size=4, max_bytes=1 << 20))
+    assert [b.keys for b in batches] == [["t:0", "t:1", "t:2"], ["t:3", "t:4", "t:5"], ["t:6", "t:7", "t:8"], ["t:9"]]
+    got, batches = [], in_batches(rows(fail_after=5), size=4)
+    with pytest.raises(ValueError, match="cut"):
+        for batch in batches:
+            got += batch.keys
+    assert got == [f"t:{i}" for i in range(5)]  # the rows before the failure, then the failure
