@@ -57,12 +57,13 @@ class Codec:
         raise NotImplementedError
 
     def read_records(self, path, root: Path, settings: dict):
-        """The records of one input (see pipeline.data.sources.Record): a file, as a path string,
-        or a DatasetPart (pipeline/data/hf_inputs.py)."""
+        """The records of one input, as pipeline.data.sources.Records batches: a file, as a path
+        string, or a DatasetPart (pipeline/data/hf_inputs.py)."""
         raise NotImplementedError
 
-    def encode_records(self, records: list) -> Encoded:
-        """The tokens and per-item metadata (its key, and e.g. UTF-8 bytes) of usable records."""
+    def encode_records(self, records) -> Encoded:
+        """The tokens and per-item metadata (its key, and e.g. UTF-8 bytes) of usable records (a
+        pipeline.data.sources.Records batch)."""
         raise NotImplementedError
 
     def sequence_length(self, block_len: int) -> int:

@@ -117,9 +117,9 @@ class ImageCodec(Codec):
 
     # --- records and tokens
     def read_records(self, path: str | DatasetPart, root: Path, settings: dict):
-        """One record per image: its pixels scaled and cropped to the codec's size right away (a
-        batch of records then holds small images, whatever the sources' size), its item meta
-        (key and source size) ready."""
+        """The input's images as Records (one for an image file, batches for array files, parquet
+        and datasets): pixels scaled and cropped to the codec's size right away (a batch then holds
+        small images, whatever the sources' size), item metas (key and source size) ready."""
         records = read_images(path, root, settings["image_field"], settings["array_key"])
         if isinstance(records, list):  # an image file: its one record, without a generator around it
             return [Records.of([self.fitted(record) for record in records])]
