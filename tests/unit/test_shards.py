@@ -368,3 +368,16 @@ def test_record_batches_are_bounded_and_keep_what_came_before_a_failure():
         for batch in batches:
             got += batch.keys
     assert got == [f"t:{i}" for i in range(5)]  # the rows before the failure, then the failure
+
+
+def test_an_overlong_json_lines_row_is_skipped_and_the_next_row_read(monkeypatch):
+    """The README's bound: a JSONL line over MAX_JSON_LINE characters is one skipped row, read past in
+    bounded pieces; the rows after it keep their keys (here with the bound made small)."""
+    import io
+
+    import pipeline.data.sources as sources
+
+    monkeypatch.setattr(sources, "MAX_JSON_LINE", 40)
+    stream = io.StringIO('{"text": "a"}\n{"text": "' + "x" * 500 + '"}\n{"text": "b"}\n')
+    rows = [(r.key, r.value, r.skip) for r in sources.json_lines(stream, "f.jsonl", "text")]
+    assert rows == [("f.jsonl:0", "a", None), ("f.jsonl:1", None, sources.TOO_LONG), ("f.jsonl:2", "b", None)]
