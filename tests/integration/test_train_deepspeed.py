@@ -25,7 +25,7 @@ def run(command, **kwargs):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_run_resumes_with_identical_losses(tmp_path, train_config, stage):
-    common = ["--config", train_config, f"train.zero_stage={stage}", f"train.steps={STEPS}", "train.ckpt_every=20",
+    common = ["--config", train_config, f"train.zero_stage={stage}", f"train.steps={STEPS}", "train.ckpt_every=30",
               "train.log_every=1", "tracking.flush_every=0.1"]
     reference = tmp_path / "reference"
     run(deepspeed_command(2, *common, f"out_dir={reference}"))
@@ -44,15 +44,15 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, train_config, stage)
 
     reference_run = json.loads((reference / "export" / "model.json").read_text())["run_id"]
     deadline = time.time() + 300
-    # kill once MLflow holds metrics of a step after the first checkpoint (20): the resumed run
-    # computes them again and must not log them twice. Metrics of every step and 20 steps between
-    # checkpoints leave the kill a window of 19 steps (with 5 it once landed on the next checkpoint)
-    while max(sent_steps(), default=0) <= 20 and time.time() < deadline and proc.poll() is None:
+    # kill once MLflow holds metrics of a step after the first checkpoint (30): the resumed run
+    # computes them again and must not log them twice. Metrics of every step and 30 steps between
+    # checkpoints leave the kill a window of 29 steps (with 5 it once landed on the next checkpoint)
+    while max(sent_steps(), default=0) <= 30 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     latest = int((killed / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert max(sent_steps()) > latest >= 20, "the kill must land after metrics past a checkpoint were sent"
+    assert max(sent_steps()) > latest >= 30, "the kill must land after metrics past a checkpoint were sent"
 
     run(deepspeed_command(2, *common, f"out_dir={killed}"))
     assert [m["loss"] for m in read_metrics(killed)] == expected  # bitwise: the same floats
