@@ -34,22 +34,24 @@ def duration(seconds: float) -> str:
 class Progress:
     """Progress of a long loop where a person reads it: a tqdm bar on a terminal; elsewhere (a
     Slurm .out file, a pipe, CI) one log line at most every `line_every` seconds and at the end,
-    since a bar's carriage returns make such files unreadable. Inactive on ranks other than 0."""
+    since a bar's carriage returns make such files unreadable; none with `line_every=None`, for a
+    caller that writes lines of its own. Inactive on ranks other than 0."""
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "it", initial: int = 0, active: bool = True,
-                 line_every: float = 30.0):
+                 line_every: float | None = 30.0):
         from tqdm import tqdm
 
-        self.total, self.desc, self.unit, self.n, self.active = total, desc, unit, initial, active
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.line_every, self.start, self.last_line, self.first = line_every, time.monotonic(), time.monotonic(), initial
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True) \
             if active and on_terminal() else None
+        self.lines = active and self.bar is None and line_every is not None
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.active and time.monotonic() - self.last_line >= self.line_every:
+        elif self.lines and time.monotonic() - self.last_line >= self.line_every:
             self._line()
 
     def _line(self) -> None:
@@ -63,5 +65,5 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.active and self.n > self.first:
+        elif self.lines and self.n > self.first:
             self._line()

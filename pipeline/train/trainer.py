@@ -236,7 +236,7 @@ class Trainer:
         cfg = self.cfg
         # a bar on a terminal; in a Slurm .out file or a pipe, log() writes a line per log_every steps
         self.progress = Progress(cfg.train.steps, "train", unit="step", initial=self.step, active=self.rank == 0,
-                                 line_every=float("inf"))
+                                 line_every=None)
         self.nonfinite = 0  # skipped steps in a row
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.run_start, self.run_first_step = time.perf_counter(), self.step

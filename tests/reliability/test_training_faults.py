@@ -133,6 +133,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, tra
     # not a terminal: rank 0 alone writes a line per log_every (5) steps and at the end
     lines = [line for line in ok.stderr.splitlines() if "step 5/12: loss" in line or "step 12/12: loss" in line]
     assert len(lines) == 2 and "[arpipe rank 0]" in lines[0] and " nats (" in lines[0] and "ETA" in lines[0], lines
+    assert "train: 12/12 step" not in ok.stderr  # the step lines are the log: no progress line repeats them
     expected, got = read_metrics(reference), read_metrics(skip)
     assert len(got) == 12 and all(math.isfinite(m["loss"]) for m in got)
     assert [m["loss"] for m in got[:2]] == [m["loss"] for m in expected[:2]]

@@ -56,3 +56,16 @@ def test_progress_writes_lines_where_no_terminal_is(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("eval: 1/10 batch (") and "ETA" in lines[0]
     assert lines[-1].startswith("eval: 10/10 batch")
+
+
+def test_progress_without_lines_leaves_the_log_to_its_caller(caplog):
+    LOG.propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="arpipe"):
+            progress = Progress(10, "train", unit="step", line_every=None)
+            for _ in range(10):
+                progress.update()
+            progress.close()
+    finally:
+        LOG.propagate = False
+    assert progress.bar is None and not caplog.records
