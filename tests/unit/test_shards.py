@@ -120,6 +120,32 @@ def test_task_count_does_not_change_items(tmp_path, corpus, text_shards):
     assert len(list((out / "_tasks").glob("*.json"))) == 6
 
 
+def test_the_stage_process_works_through_tasks_from_the_back_beside_its_workers(tmp_path, corpus, text_shards,
+                                                                              monkeypatch):
+    """With --workers 3 the `arpipe shard` process runs tasks itself (from the last one down)
+    while 2 spawned workers start and take them from the front; each task runs once."""
+    import pipeline.data.shards as shards
+    from pipeline.cli import main
+
+    ran, run_task = [], shards.run_task
+    monkeypatch.setattr(shards, "run_task", lambda out, task, plan=None: ran.append(task) or run_task(out, task, plan))
+    out = tmp_path / "three"
+    main(["shard", "text", "--input", str(corpus), "--out", str(out), "--tokenizer", str(text_shards / "tokenizer.json"),
+          "--workers", "3", "--num-tasks", "8", "--val-fraction", "0.15", "--chunk-mb", "0.02"])
+    assert ran[0] == 7 and ran == sorted(ran, reverse=True), ran
+    assert len(list((out / "_tasks").glob("*.json"))) == 8
+    assert digest(out) == digest(text_shards)
+
+
+def test_a_task_is_claimed_once(monkeypatch):
+    from multiprocessing import Array
+
+    from pipeline.data import shards
+
+    monkeypatch.setattr(shards, "_claimed", Array("b", 3))
+    assert [shards.claim(t) for t in (2, 0, 2, 1, 0)] == [True, True, False, True, False]
+
+
 def test_tabular_inputs_and_sample_by(tmp_path, text_shards):
     import pyarrow as pa
     import pyarrow.parquet as pq
