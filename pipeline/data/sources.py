@@ -63,6 +63,9 @@ class Records(NamedTuple):
     @classmethod
     def of(cls, records: list[Record]) -> "Records":
         """At least one record as columns."""
+        if len(records) == 1:  # an image file, a clip: the common case, kept cheap
+            key, value, skip, meta = records[0]
+            return cls([key], [value], None if skip is None else [skip], None if meta is None else [meta])
         keys, values, skips, metas = map(list, zip(*records))
         return cls(keys, values, skips if any(skips) else None, metas if metas.count(None) < len(metas) else None)
 
@@ -158,6 +161,23 @@ def require_regular_file(path: str) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
     return info.st_size
+
+
+def read_bytes(path: str) -> bytes:
+    """A whole file, in few system calls: one read of the size fstat gives, more only where that
+    comes back short. Pillow's own open also sets up a buffer, asks whether the file is a
+    terminal and reads until an empty read: ≈ 10 µs more, a sixth of a small PNG's decode."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO fails rather than blocks
+    try:
+        size = os.fstat(fd).st_size
+        parts = [os.read(fd, size)]
+        if size and len(parts[0]) == size:
+            return parts[0]
+        while parts[-1]:  # to the end: a network file system may return less than asked for
+            parts.append(os.read(fd, 1 << 16))  # (64 KiB: a buffer of 1 MiB or more is an mmap per call)
+    finally:
+        os.close(fd)
+    return b"".join(parts)
 
 
 def common_root(inputs: list) -> Path:

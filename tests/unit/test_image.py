@@ -152,6 +152,8 @@ def test_shard_reads_every_input_type_and_counts_corrupt_images(tmp_path):
     skipped = {f["input"]: f["reason"] for f in manifest["skipped"]["files"]}
     assert sorted(skipped) == ["folder/corrupt.png", "folder/notes.txt", "folder/truncated.jpg", "labels-idx1-ubyte"]
     assert "truncated" in skipped["folder/truncated.jpg"].lower() and "got shape (4,)" in skipped["labels-idx1-ubyte"]
+    assert skipped["folder/notes.txt"] == f"UnidentifiedImageError: cannot identify image file " \
+                                          f"{str(inputs / 'folder' / 'notes.txt')!r}"
     assert manifest["skipped"]["items"] == {"undecodable image": 1}
     assert manifest["skipped"]["examples"] == {"undecodable image": ["rows.parquet:1"]}
     items = read_items(out)

@@ -396,6 +396,20 @@ def test_record_batches_are_bounded_and_keep_what_came_before_a_failure():
     assert got == [f"t:{i}" for i in range(5)]  # the rows before the failure, then the failure
 
 
+def test_a_file_is_read_to_its_end_also_where_reads_come_back_short(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.data import sources
+
+    path = tmp_path / "file"
+    data = bytes(range(256)) * 1000
+    path.write_bytes(data)
+    assert sources.read_bytes(str(path)) == data
+    read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: read(fd, min(n, 999)))  # as some network file systems do
+    assert sources.read_bytes(str(path)) == data
+
+
 def test_an_overlong_json_lines_row_is_skipped_and_the_next_row_read(monkeypatch):
     """The README's bound: a JSONL line over MAX_JSON_LINE characters is one skipped row, read past in
     bounded pieces; the rows after it keep their keys (here with the bound made small)."""
