@@ -294,3 +294,6 @@ def test_mu_law_is_the_float32_formula_bit_for_bit():
         y = np.log1p(y) * np.float32(mu / 2 / np.log1p(mu))
         reference = np.rint(np.copysign(y, x) + np.float32(mu / 2)).astype(np.uint8)
         assert np.array_equal(mu_law_encode(x, mu), reference), mu
+        scratch = x.copy()
+        assert np.array_equal(mu_law_encode(scratch, mu, overwrite_input=True), reference), mu
+        assert np.array_equal(scratch.view(np.uint32), x.view(np.uint32) & np.uint32(0x80000000))
