@@ -297,3 +297,19 @@ def test_mu_law_is_the_float32_formula_bit_for_bit():
         scratch = x.copy()
         assert np.array_equal(mu_law_encode(scratch, mu, overwrite_input=True), reference), mu
         assert np.array_equal(scratch.view(np.uint32), x.view(np.uint32) & np.uint32(0x80000000))
+
+
+def test_block_by_block_decoding_equals_decoding_the_whole_file_at_once(tmp_path):
+    """decode_audio reads 2^18 frames at a time through soxr's streaming resampler; its samples are
+    the one-shot resampling of the whole file's channel mean, to the bit."""
+    import soxr
+
+    from pipeline.codecs.audio import BLOCK_FRAMES, mix_to_mono
+
+    rng = np.random.default_rng(0)
+    stereo = np.stack([tone(30.0, 22050, 440.0), tone(30.0, 22050, 661.0)], 1) + rng.normal(0, 0.01, (661500, 2))
+    assert len(stereo) > 2 * BLOCK_FRAMES
+    sf.write(tmp_path / "a.flac", stereo, 22050, subtype="PCM_16")
+    whole, rate = sf.read(tmp_path / "a.flac", dtype="float32", always_2d=True)
+    expected = soxr.resample(mix_to_mono(whole), rate, 16000, quality="HQ")
+    assert np.array_equal(decode_audio(str(tmp_path / "a.flac"), 16000), expected)
