@@ -169,8 +169,8 @@ def read_bytes(path: str) -> bytes:
     terminal and reads until an empty read: ≈ 10 µs more, a sixth of a small PNG's decode."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO fails rather than blocks
     try:
-        size = os.fstat(fd).st_size
-        parts = [os.read(fd, size)]
+        size = os.fstat(fd).st_size  # 0 for some files with content (/proc's): then read to the end
+        parts = [os.read(fd, size or 1 << 16)]
         if size and len(parts[0]) == size:
             return parts[0]
         while parts[-1]:  # to the end: a network file system may return less than asked for

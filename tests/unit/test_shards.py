@@ -405,6 +405,9 @@ def test_a_file_is_read_to_its_end_also_where_reads_come_back_short(tmp_path, mo
     data = bytes(range(256)) * 1000
     path.write_bytes(data)
     assert sources.read_bytes(str(path)) == data
+    (tmp_path / "empty").write_bytes(b"")
+    assert sources.read_bytes(str(tmp_path / "empty")) == b""
+    assert sources.read_bytes("/proc/self/status").startswith(b"Name:")  # a size of 0 in fstat
     read = os.read
     monkeypatch.setattr(os, "read", lambda fd, n: read(fd, min(n, 999)))  # as some network file systems do
     assert sources.read_bytes(str(path)) == data
