@@ -250,10 +250,10 @@ class TextFiles:
 
         data = path.read_bytes()
         parts = re.split("([\udc80-\udcff])", data.decode("utf-8", "surrogateescape"))  # odd: one invalid byte
-        valid = self.codec.tokenizer.encode_batch_fast(parts[0::2], add_special_tokens=False)
+        valid = self.codec.token_ids(parts[0::2])
         ids = []
         for i, part in enumerate(parts):
-            ids += valid[i // 2].ids if i % 2 == 0 else [self.byte_ids[ord(part) - 0xDC00]]
+            ids += valid[i // 2] if i % 2 == 0 else [self.byte_ids[ord(part) - 0xDC00]]
         tokens = np.asarray(ids, dtype=np.int64)
         if self.bytes_of(tokens) != data:  # e.g. a tokenizer with a normaliser: refuse rather than lose data
             raise ArpipeError(f"{path}: the model's tokenizer does not reproduce these bytes")

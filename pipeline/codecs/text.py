@@ -10,6 +10,7 @@ post-processor add its BOS/EOS (`add_special_tokens=False`).
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from itertools import chain, repeat
 from pathlib import Path
@@ -45,6 +46,56 @@ def configured_token(directory: Path, name: str) -> str | None:
     return None
 
 
+class AsciiTokenizer:
+    r"""Token ids of ASCII text, the same as the tokenizer's, ≈ 3× faster for byte-level BPE tokenizers
+    of GPT-2's shape (arpipe's, GPT-2's). encode_batch_fast builds an Encoding per document, with a
+    string, offsets and masks for every token; on ASCII text GPT-2's split pattern has plain classes
+    (\p{L} is [A-Za-z], \p{N} is [0-9], \s is [\t\n\v\f\r ]), so Python's re splits it as the
+    tokenizer does, and each piece's ids come from the tokenizer's own model, once per piece. Tests
+    compare with encode_batch_fast on every ASCII string of up to 2 characters and on corpora."""
+
+    SPACE = r"\t\n\x0b\x0c\r "  # onig's \s on ASCII (Python's str.isspace adds \x1c-\x1f)
+    PIECES = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{SPACE}A-Za-z0-9]+"
+                        rf"|[{SPACE}]+(?![^{SPACE}])|[{SPACE}]+")
+    CACHE_PIECES = 1 << 17  # ≈ 25 MB at most; a corpus with more distinct pieces starts over
+    LONGEST_CACHED = 64  # characters: long runs of spaces or punctuation are rare and would crowd the cache
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.model = tokenizer.model
+        # the byte-level alphabet as the tokenizer itself maps ASCII ("Ġ" for a space)
+        self.alphabet = {c: tokenizer.pre_tokenizer.pre_tokenize_str(chr(c))[0][0] for c in range(128)}
+        self.cache: dict[str, tuple[int, ...]] = {}
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> "AsciiTokenizer | None":
+        """One for a tokenizer whose encoding of ASCII text is exactly this class's, else None."""
+        spec = json.loads(tokenizer.to_str())
+        pre, model = spec.get("pre_tokenizer") or {}, spec["model"]
+        gpt2_shaped = (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                       and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+                       and model["type"] == "BPE" and not model.get("dropout")
+                       # special tokens are encoded as text (encode_special_tokens); other added ones are split out
+                       and all(t["special"] for t in spec.get("added_tokens", [])))
+        return cls(tokenizer) if gpt2_shaped else None
+
+    def ids(self, text: str) -> list[int]:
+        pieces = self.PIECES.findall(text)
+        try:  # every piece seen before: the usual case once a corpus is under way
+            return list(chain.from_iterable(map(self.cache.__getitem__, pieces)))
+        except KeyError:
+            return list(chain.from_iterable(map(self.piece_ids, pieces)))
+
+    def piece_ids(self, piece: str) -> tuple[int, ...]:
+        ids = self.cache.get(piece)
+        if ids is None:
+            ids = tuple(t.id for t in self.model.tokenize(piece.translate(self.alphabet)))
+            if len(piece) <= self.LONGEST_CACHED:
+                if len(self.cache) >= self.CACHE_PIECES:
+                    self.cache.clear()
+                self.cache[piece] = ids
+        return ids
+
+
 class TextCodec(Codec):
     modality = "text"
     help = "text (plain, JSONL, parquet) through a byte-level BPE tokenizer"
@@ -54,6 +105,10 @@ class TextCodec(Codec):
     def __init__(self, tokenizer: Tokenizer, eos_token: str = EOS):
         self.tokenizer = tokenizer
         self.tokenizer.encode_special_tokens = True
+        # a tokenizer.json may carry truncation or padding (BERT-era ones do): a document is all of its tokens
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.ascii = AsciiTokenizer.of(tokenizer)
         self.eos_token = eos_token
         self.eos_id = tokenizer.token_to_id(eos_token)
         specials = sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
@@ -164,17 +219,23 @@ class TextCodec(Codec):
             "tokenizer_sha256": self.sha256,
         }
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, without the tokenizer's BOS/EOS: the one place text becomes tokens."""
+        if self.ascii is None:
+            return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        others = [text for text in texts if not text.isascii()]
+        encoded = (e.ids for e in self.tokenizer.encode_batch_fast(others, add_special_tokens=False)) if others else None
+        return [self.ascii.ids(text) if text.isascii() else next(encoded) for text in texts]
+
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        dtype = self.token_dtype
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=dtype) for e in encodings]
+        return [np.asarray(ids, dtype=self.token_dtype) for ids in self.token_ids(texts)]
 
     def read_records(self, path, root: Path, settings: dict):
         return read_text(path, root, settings["sample_by"], settings["text_field"])
 
     def encode_records(self, records: Records) -> Encoded:
         texts = records.values
-        ids = [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        ids = self.token_ids(texts)
         lengths = list(map(len, ids))
         # one array of all the batch's tokens: an array per paragraph costs more than its tokens
         tokens = np.fromiter(chain.from_iterable(ids), self.token_dtype, sum(lengths))

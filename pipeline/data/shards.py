@@ -440,9 +440,10 @@ def run_tasks(plan: Plan, tasks: list[int], workers: int) -> None:
     """Run shard tasks in `workers` processes, with a progress bar over input bytes (the total
     grows as tasks start: each measures its own inputs).
 
-    This process is one of them: it takes tasks from the back of the list while workers − 1
-    spawned ones take them from the front, each claiming a task before it runs it. It has
-    everything imported already, so it works while the others start (≈ 0.5 s each)."""
+    This process is one of them, beside workers − 1 spawned ones; each claims a task before it runs
+    it. It has everything imported already, so it works while the others start (≈ 0.3 s each). All
+    take tasks in order: tasks with one input more come first in the plan, so the last to run are
+    the smaller ones and the processes end close together."""
     ctx = get_context("spawn")  # fork after tokenizers/torch threads started can deadlock
     progress, claimed = ctx.Array("q", 2), ctx.Array("b", plan.num_tasks)
     _init_worker(progress, claimed)
@@ -463,7 +464,7 @@ def run_tasks(plan: Plan, tasks: list[int], workers: int) -> None:
             if workers > 1 else None)
     try:
         futures = [pool.submit(run_claimed_task, plan.out, t) for t in tasks] if pool else []
-        for t in reversed(tasks):
+        for t in tasks:
             if any(f.done() and f.exception() for f in futures):
                 break  # a worker failed: start nothing more
             if claim(t):
