@@ -92,10 +92,13 @@ def decode_blocks(source, sample_rate: int):
                 raise TruncatedAudio(f"the header declares {declared} bytes where the file holds {actual}")
         rate, frames, read = f.samplerate, f.frames, 0
         resampler = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, quality="HQ")
-        buffer = np.empty((BLOCK_FRAMES, f.channels), np.float32)
-        while len(block := f.read(dtype="float32", out=buffer)):  # a view of what was read
+        # 16-bit PCM (most WAV and FLAC) is read as it is stored: libsndfile's conversion to float
+        # takes longer than reading a WAV itself, and mixing in integers then converting once less
+        pcm16 = f.subtype == "PCM_16" and f.channels <= 256
+        buffer = np.empty((BLOCK_FRAMES, f.channels), np.int16 if pcm16 else np.float32)
+        while len(block := f.read(dtype=buffer.dtype.name, out=buffer)):  # a view of what was read
             read += len(block)
-            mono = mix_to_mono(block)
+            mono = pcm16_to_mono(block) if pcm16 else mix_to_mono(block)
             yield resampler.resample_chunk(mono) if resampler else mono
     if read < frames:
         raise TruncatedAudio(f"the header declares {frames} samples, the file holds {read}")
@@ -112,6 +115,20 @@ def mix_to_mono(block: np.ndarray) -> np.ndarray:
         mono += block[:, channel]
     if block.shape[1] > 1:
         mono /= block.shape[1]
+    return mono
+
+
+def pcm16_to_mono(block: np.ndarray) -> np.ndarray:
+    """mix_to_mono of libsndfile's float samples (int16 / 32768) from the int16 ones, bit for bit:
+    the integer sum is exact, so are its conversion and the scaling by a power of 2 (as each float
+    partial sum is, for up to 256 channels), and the division rounds the same value once."""
+    channels = block.shape[1]
+    total = block[:, 0] if channels == 1 else np.add(block[:, 0], block[:, 1], dtype=np.int32)
+    for channel in range(2, channels):
+        total += block[:, channel]
+    mono = np.multiply(total, np.float32(1 / 32768), dtype=np.float32)
+    if channels > 1:
+        mono /= channels
     return mono
 
 
@@ -239,7 +256,9 @@ class AudioCodec(Codec):
     def encode_records(self, records: Records) -> Encoded:
         lengths = [len(clip) for clip in records.values]
         rate = self.sample_rate
-        return Encoded(np.concatenate(records.values or [np.zeros(0, np.uint8)]), np.array(lengths),
+        clips = records.values
+        tokens = clips[0] if len(clips) == 1 else np.concatenate(clips or [np.zeros(0, np.uint8)])  # clips come one by one
+        return Encoded(tokens, np.array(lengths),
                        [{"key": key, "samples": n, "seconds": n / rate} for key, n in zip(records.keys, lengths)])
 
     def encode_wave(self, wave: np.ndarray) -> np.ndarray:

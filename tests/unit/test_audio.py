@@ -313,3 +313,21 @@ def test_block_by_block_decoding_equals_decoding_the_whole_file_at_once(tmp_path
     whole, rate = sf.read(tmp_path / "a.flac", dtype="float32", always_2d=True)
     expected = soxr.resample(mix_to_mono(whole), rate, 16000, quality="HQ")
     assert np.array_equal(decode_audio(str(tmp_path / "a.flac"), 16000), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_16_bit_pcm_read_as_integers_gives_the_float_samples_to_the_bit(tmp_path, channels):
+    """decode_blocks reads PCM_16 files as int16 and mixes in integers (pcm16_to_mono); the mono
+    samples equal mix_to_mono of libsndfile's own float32 reading, bit for bit, extremes included."""
+    from pipeline.codecs.audio import decode_blocks, mix_to_mono
+
+    rng = np.random.default_rng(channels)
+    samples = rng.integers(-32768, 32768, (50_000, channels), dtype=np.int16)
+    samples[:4] = [[-32768] * channels, [32767] * channels, [-1] * channels, [1] * channels]
+    for name in ("a.wav", "a.flac"):
+        sf.write(tmp_path / name, samples, 22050, subtype="PCM_16")
+        floats, _ = sf.read(tmp_path / name, dtype="float32", always_2d=True)
+        with sf.SoundFile(tmp_path / name) as f:
+            assert f.subtype == "PCM_16"  # the integer path is taken
+        mono = np.concatenate(list(decode_blocks(str(tmp_path / name), 22050)))  # no resampling
+        assert np.array_equal(mono.view(np.uint32), mix_to_mono(floats).view(np.uint32)), name
