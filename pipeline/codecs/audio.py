@@ -120,15 +120,18 @@ def mix_to_mono(block: np.ndarray) -> np.ndarray:
 
 def pcm16_to_mono(block: np.ndarray) -> np.ndarray:
     """mix_to_mono of libsndfile's float samples (int16 / 32768) from the int16 ones, bit for bit:
-    the integer sum is exact, so are its conversion and the scaling by a power of 2 (as each float
-    partial sum is, for up to 256 channels), and the division rounds the same value once."""
+    the conversion is exact, so is each partial sum (integers, for up to 256 channels) and the
+    scaling by a power of 2, and a division by another channel count rounds the same value once."""
+    floats = block.astype(np.float32)
     channels = block.shape[1]
-    total = block[:, 0] if channels == 1 else np.add(block[:, 0], block[:, 1], dtype=np.int32)
+    mono = floats[:, 0] + floats[:, 1] if channels > 1 else floats[:, 0]
     for channel in range(2, channels):
-        total += block[:, channel]
-    mono = np.multiply(total, np.float32(1 / 32768), dtype=np.float32)
-    if channels > 1:
+        mono += floats[:, channel]
+    if channels & (channels - 1):
+        mono *= np.float32(1 / 32768)
         mono /= channels
+    else:
+        mono *= np.float32(1 / 32768 / channels)
     return mono
 
 

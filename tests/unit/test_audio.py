@@ -315,7 +315,7 @@ def test_block_by_block_decoding_equals_decoding_the_whole_file_at_once(tmp_path
     assert np.array_equal(decode_audio(str(tmp_path / "a.flac"), 16000), expected)
 
 
-@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 6])
 def test_16_bit_pcm_read_as_integers_gives_the_float_samples_to_the_bit(tmp_path, channels):
     """decode_blocks reads PCM_16 files as int16 and mixes in integers (pcm16_to_mono); the mono
     samples equal mix_to_mono of libsndfile's own float32 reading, bit for bit, extremes included."""
