@@ -1,6 +1,7 @@
 import hashlib
 import json
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -127,7 +128,13 @@ def test_the_stage_process_works_through_tasks_beside_its_workers(tmp_path, corp
     from pipeline.cli import main
 
     ran, run_task = [], shards.run_task
-    monkeypatch.setattr(shards, "run_task", lambda out, task, plan=None: ran.append(task) or run_task(out, task, plan))
+
+    def slow_run_task(out, task, plan=None):  # a real task's length here, so the workers are up in time
+        ran.append(task)
+        time.sleep(1.0)
+        return run_task(out, task, plan)
+
+    monkeypatch.setattr(shards, "run_task", slow_run_task)
     out = tmp_path / "three"
     main(["shard", "text", "--input", str(corpus), "--out", str(out), "--tokenizer", str(text_shards / "tokenizer.json"),
           "--workers", "3", "--num-tasks", "8", "--val-fraction", "0.15", "--chunk-mb", "0.02"])
