@@ -14,15 +14,16 @@
          listing the folder, Pillow decode and grey conversion of the same files.
 
 Targets: the stage at ≥ 0.9 of its baseline's speed on one core, and ≥ 1.8× from 1 to 2 workers.
-Each shard run is a fresh process (start-up included), its work cut into 15 tasks, so that 2
-workers balance files of unequal cost: task i takes inputs i, i+15, …, and the melodies alternate
-WAV and FLAC (a FLAC file costs twice a WAV file), so with an even count (8, then 16) every task
-was WAV-only or FLAC-only and one worker ended alone on a FLAC task. The tokenizer is trained
-once beforehand. The inputs are large enough (≈ 15 s of the stage's work on one worker) that
-start-up is a small part of a run, as on a real corpus: text is 150 MB since the stage tokenises
-ASCII ≈ 2.7× faster than encode_batch_fast (50 MB made 5-s runs, in which the ≈ 0.3 s start-up
-held 2 workers to ≈ 1.8×). Python caches bytecode in the shard runs as it does for users, even
-where the calling shell sets PYTHONDONTWRITEBYTECODE.
+Each shard run is a fresh process (start-up included), its work cut into 63 tasks. Task i takes
+inputs i, i+63, …: the processes then end within a small task of each other, and each task mixes
+the melodies' WAV and FLAC files, which alternate (a FLAC file costs about twice a WAV file).
+With 16 tasks every task was WAV-only or FLAC-only; with 15, 2 processes split 15 equal image
+tasks 8 to 7 (1.78×). The tokenizer is trained once beforehand. The inputs are large enough
+(≈ 15 s of the stage's work on one worker) that start-up is a small part of a run, as on a real
+corpus: text is 150 MB since the stage tokenises ASCII ≈ 2.7× faster than encode_batch_fast
+(50 MB made 5-s runs, in which the ≈ 0.3 s start-up held 2 workers to ≈ 1.8×). Python caches
+bytecode in the shard runs as it does for users, even where the calling shell sets
+PYTHONDONTWRITEBYTECODE.
 
     python benchmarks/shard.py [--repeats 3] [--work DIR] [--only text audio image]
 """
@@ -38,7 +39,7 @@ import common
 from common import Row, median_times, rate
 
 TOKENIZER_VOCAB = 8192
-TASKS = 15
+TASKS = 63
 
 
 def run_shard(modality: str, inputs: list[Path], out: Path, workers: int, *options) -> dict:
