@@ -92,8 +92,8 @@ def decode_blocks(source, sample_rate: int):
                 raise TruncatedAudio(f"the header declares {declared} bytes where the file holds {actual}")
         rate, frames, read = f.samplerate, f.frames, 0
         resampler = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, quality="HQ")
-        # 16-bit PCM (most WAV and FLAC) is read as it is stored: libsndfile's conversion to float
-        # takes longer than reading a WAV itself, and mixing in integers then converting once less
+        # 16-bit PCM (most WAV and FLAC) is read as stored and converted by pcm16_to_mono, in fewer
+        # passes than libsndfile's conversion to float (longer than reading a WAV) and mix_to_mono
         pcm16 = f.subtype == "PCM_16" and f.channels <= 256
         buffer = np.empty((BLOCK_FRAMES, f.channels), np.int16 if pcm16 else np.float32)
         while len(block := f.read(dtype=buffer.dtype.name, out=buffer)):  # a view of what was read
